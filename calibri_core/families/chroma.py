@@ -1,0 +1,16 @@
+"""Chroma and Chroma Radiance (``comfy.ldm.chroma``).
+
+Gates are slices of one shared approximator output (``distilled_guidance_layer``), handed to Flux
+blocks that have no modulation of their own; as for Flux.2, each block's branch output is scaled.
+"""
+
+from .table import Family
+from .flux2 import branch_gates, read_counts
+
+FAMILY = Family(
+    name="chroma",
+    title="Chroma / Chroma Radiance",
+    classes=("comfy.ldm.chroma.model.Chroma",),
+    read_counts=read_counts,
+    gates=branch_gates,
+)

@@ -1,0 +1,37 @@
+"""Lumina-Image-2.0 and Z-Image (``comfy.ldm.lumina``; one architecture, two families).
+
+Blocks add ``x + tanh(gate) · RMSNorm(branch)``. Scaling the adaLN output would scale the gate *before*
+the tanh, which is not the paper's operation; the engine multiplies the RMSNorm'd branch
+(``attention_norm2`` / ``ffn_norm2`` outputs), i.e. the post-tanh gate value where it meets its branch.
+Sites: the main ``layers`` and the gated ``noise_refiner`` blocks. The ``context_refiner`` blocks are
+ungated (``modulation=False``) and are never touched.
+"""
+
+from .table import Family
+from ..sites import Gate
+
+BRANCHES = {"attn": "attention_norm2", "mlp": "ffn_norm2"}
+
+
+def read_counts(dm) -> dict:
+    return {"noise_refiner": len(dm.noise_refiner), "layers": len(dm.layers)}
+
+
+def gates(counts: dict) -> list[Gate]:
+    blocks = [f"noise_refiner.{i}" for i in range(counts["noise_refiner"])]
+    blocks += [f"layers.{i}" for i in range(counts["layers"])]
+    return [Gate(block, "", branch, f"{block}.{module}") for block in blocks for branch, module in BRANCHES.items()]
+
+
+def _is_z_image(dm) -> bool:
+    # Z-Image's adaLN is a bare Linear from the 256-d t-embedding; Lumina2's is (SiLU, Linear).
+    return len(dm.layers[0].adaLN_modulation) == 1
+
+
+_UNGATED = "context_refiner blocks have no gates (modulation=False) and are left untouched"
+_CLASSES = ("comfy.ldm.lumina.model.NextDiT",)
+
+Z_IMAGE = Family(name="z_image", title="Z-Image", classes=_CLASSES, accepts=_is_z_image,
+                 read_counts=read_counts, gates=gates, ungated=_UNGATED)
+LUMINA2 = Family(name="lumina2", title="Lumina-Image-2.0", classes=_CLASSES,
+                 accepts=lambda dm: not _is_z_image(dm), read_counts=read_counts, gates=gates, ungated=_UNGATED)

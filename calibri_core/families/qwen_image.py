@@ -1,0 +1,30 @@
+"""Qwen-Image and Qwen-Image-Edit (``comfy.ldm.qwen_image``).
+
+Each block has ``img_mod`` and ``txt_mod`` (SiLU, Linear D→6D); the Linear output is
+(shift, scale, gate) for attention then (shift, scale, gate) for the MLP, so gates are chunks 2 and 5.
+Scaling them equals the reference's scaling of ``attn`` and ``img_mlp``/``txt_mlp`` outputs.
+"""
+
+from .table import Family, stream_gates
+from ..sites import Gate
+
+BRANCHES = {"attn": ("{stream}_mod.1", 2, 6), "mlp": ("{stream}_mod.1", 5, 6)}
+STREAMS = {"img": "img", "txt": "txt"}
+
+
+def read_counts(dm) -> dict:
+    return {"transformer_blocks": len(dm.transformer_blocks)}
+
+
+def gates(counts: dict) -> list[Gate]:
+    return [g for i in range(counts["transformer_blocks"])
+            for g in stream_gates(f"transformer_blocks.{i}", STREAMS, BRANCHES)]
+
+
+FAMILY = Family(
+    name="qwen_image",
+    title="Qwen-Image / Qwen-Image-Edit",
+    classes=("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel",),
+    read_counts=read_counts,
+    gates=gates,
+)

@@ -1,0 +1,59 @@
+"""SD3 / SD3.5 Medium and Large (``comfy.ldm.modules.diffusionmodules.mmdit``).
+
+Each joint block has an ``x_block`` (image) and a ``context_block`` (text), each with its own adaLN
+Linear whose output chunks are (shift, scale, gate) × 2; MMDiT-X dual-attention x_blocks append a
+third triple for the second attention (gate_msa2). The last context_block is ``pre_only``: it emits
+only shift and scale and has no gate, so it has no sites. Site order is the model's block order;
+the reference's flat-vector order is a separate layout (see ``calibri_core.layouts``).
+"""
+
+from .table import Family
+from ..sites import Gate
+
+MODULATION = "adaLN_modulation.1"
+
+
+def read_counts(dm) -> dict:
+    blocks = dm.joint_blocks
+    return {
+        "joint_blocks": len(blocks),
+        "dual_attention_blocks": [i for i, b in enumerate(blocks) if b.x_block.x_block_self_attn],
+        "context_pre_only_blocks": [i for i, b in enumerate(blocks) if b.context_block.pre_only],
+        "scale_mod_only": bool(blocks[0].x_block.scale_mod_only),
+    }
+
+
+def _stream_gates(block: str, stream: str, module: str, *, dual: bool, scale_mod_only: bool) -> list[Gate]:
+    # Chunk layouts of DismantledBlock.adaLN_modulation: 6 = (shift, scale, gate) x 2,
+    # 9 adds (shift2, scale2, gate2) for attn2, 4 = (scale, gate) x 2 without shifts.
+    if scale_mod_only:
+        chunks = {"attn": 1, "mlp": 3}, 4
+    elif dual:
+        chunks = {"attn": 2, "mlp": 5, "attn2": 8}, 9
+    else:
+        chunks = {"attn": 2, "mlp": 5}, 6
+    positions, total = chunks
+    return [Gate(block, stream, branch, f"{block}.{module}.{MODULATION}", chunk, total)
+            for branch, chunk in positions.items()]
+
+
+def gates(counts: dict) -> list[Gate]:
+    result = []
+    for i in range(counts["joint_blocks"]):
+        block = f"joint_blocks.{i}"
+        result += _stream_gates(block, "x", "x_block", dual=i in counts["dual_attention_blocks"],
+                                scale_mod_only=counts["scale_mod_only"])
+        if i not in counts["context_pre_only_blocks"]:
+            result += _stream_gates(block, "context", "context_block", dual=False,
+                                    scale_mod_only=counts["scale_mod_only"])
+    return result
+
+
+FAMILY = Family(
+    name="sd3",
+    title="SD3 / SD3.5 Medium / SD3.5 Large",
+    classes=("comfy.ldm.modules.diffusionmodules.mmdit.MMDiT",),
+    read_counts=read_counts,
+    gates=gates,
+    ungated="the last context_block is pre_only: it has no gates and its text output is discarded",
+)

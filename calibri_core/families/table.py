@@ -1,0 +1,45 @@
+"""The shape of a family table (see the modules beside this one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..sites import Gate, SiteLayout
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family's table.
+
+    Args:
+        name: the id stored in presets (``flux``, ``sd3``, ...).
+        title: what users call the models it covers.
+        classes: ComfyUI class paths (``module.Class``) whose instances (or subclasses) belong here.
+        read_counts: reads block counts etc. from a diffusion model; must be JSON-serialisable.
+        gates: lists the gates for those counts, in the model's block order.
+        accepts: optional extra test on the diffusion model (e.g. Flux.2 vs Flux.1 share a class).
+        ungated: branches that add to the residual without a gate, left untouched by design.
+    """
+
+    name: str
+    title: str
+    classes: tuple[str, ...]
+    read_counts: Callable[[Any], dict]
+    gates: Callable[[dict], list[Gate]]
+    accepts: Callable[[Any], bool] = lambda dm: True
+    ungated: str = ""
+
+    def layout(self, counts: dict) -> SiteLayout:
+        return SiteLayout(self.name, dict(counts), tuple(self.gates(counts)))
+
+
+def stream_gates(block: str, streams: dict[str, str], branches: dict[str, tuple[str, int, int]]) -> list[Gate]:
+    """Gates of one block whose streams share a branch structure.
+
+    ``streams`` maps a stream name to its module prefix inside the block; ``branches`` maps a branch
+    name to (module suffix, chunk, chunks). ``{stream}`` in a suffix is replaced by the stream prefix.
+    """
+    return [Gate(block, stream, branch, f"{block}.{suffix.format(stream=prefix)}", chunk, chunks)
+            for stream, prefix in streams.items()
+            for branch, (suffix, chunk, chunks) in branches.items()]
