@@ -1,0 +1,257 @@
+"""The reference implementation's flat ``solution`` vector <-> ``Calibration``.
+
+The reference (``v-gen-ai/Calibri``) searches one flat float vector per candidate and saves it as
+``cmaes_step_NNNN.json``. Its order is a concatenation of *segments*: each segment lists some sites,
+and the vector holds, for each member in turn, that segment's sites; after the last segment comes
+ω, one weight per member (see ``reference/calibri-reference.md``, "Flat vector order"):
+
+* FLUX block: [double blocks] [single blocks] ω
+* FLUX layer: [double (attn, mlp)] [single blocks] ω
+* FLUX gate:  [double img (attn, mlp)] [double txt (attn, mlp)] [single blocks] ω
+* SD3.5 gate: [x (attn, mlp)] [context (attn, mlp), context-gated blocks] [x attn2, dual-attention blocks] ω
+* Qwen-Image gate: [(img attn, txt attn, img mlp, txt mlp) per block] ω
+
+A ``Calibration`` keeps its sites in the model's block order (from the family table), which differs
+from these orders; the mapping is always by site name, never by position. The search reuses the
+same ordering, so ``from_reference_vector`` / ``to_reference_vector`` are the single pair of
+functions for every pipeline. This module is pure: no torch, no ComfyUI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .calibration import PROMPTS, Calibration, Member
+from .families import get_family
+
+Segments = Callable[[dict], list[list[str]]]
+
+
+def _flux_segments(granularity: str) -> Segments:
+    def segments(counts: dict) -> list[list[str]]:
+        doubles = range(counts["double_blocks"])
+        single = [f"single_blocks.{i}" for i in range(counts["single_blocks"])]
+        if granularity == "block":
+            return [[f"double_blocks.{i}" for i in doubles], single]
+        if granularity == "layer":
+            return [[f"double_blocks.{i}.{b}" for i in doubles for b in ("attn", "mlp")], single]
+        return [[f"double_blocks.{i}.img.{b}" for i in doubles for b in ("attn", "mlp")],
+                [f"double_blocks.{i}.txt.{b}" for i in doubles for b in ("attn", "mlp")],
+                single]
+    return segments
+
+
+def _sd3_segments(counts: dict) -> list[list[str]]:
+    blocks = range(counts["joint_blocks"])
+    pre_only = set(counts["context_pre_only_blocks"])
+    return [[f"joint_blocks.{i}.x.{b}" for i in blocks for b in ("attn", "mlp")],
+            [f"joint_blocks.{i}.context.{b}" for i in blocks if i not in pre_only for b in ("attn", "mlp")],
+            [f"joint_blocks.{i}.x.attn2" for i in sorted(counts["dual_attention_blocks"])]]
+
+
+def _qwen_segments(counts: dict) -> list[list[str]]:
+    return [[f"transformer_blocks.{i}.{s}" for i in range(counts["transformer_blocks"])
+             for s in ("img.attn", "txt.attn", "img.mlp", "txt.mlp")]]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One reference pipeline: its family, default counts and flat order per granularity.
+
+    Args:
+        name: the pipeline id used by the CLI and the search (``flux``, ``sd3.5-medium``, ...).
+        family: the ``calibri_core.families`` id its calibrations belong to.
+        title: the model the reference ran.
+        counts: the family counts of that model (what ``family.layout(counts)`` takes).
+        orders: granularity -> function of counts returning the segments of the flat order.
+        cfg: True for the reference's "cfg case" (member 1 positive, member 2 negative prompt).
+    """
+
+    name: str
+    family: str
+    title: str
+    counts: dict
+    orders: dict[str, Segments]
+    cfg: bool
+
+
+PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
+    Pipeline("flux", "flux", "FLUX.1-dev", {"double_blocks": 19, "single_blocks": 38},
+             {g: _flux_segments(g) for g in ("block", "layer", "gate")}, cfg=False),
+    Pipeline("sd3.5-medium", "sd3", "SD3.5 Medium",
+             {"joint_blocks": 24, "dual_attention_blocks": list(range(13)), "context_pre_only_blocks": [23],
+              "scale_mod_only": False}, {"gate": _sd3_segments}, cfg=True),
+    Pipeline("sd3.5-large", "sd3", "SD3.5 Large",
+             {"joint_blocks": 38, "dual_attention_blocks": [], "context_pre_only_blocks": [37],
+              "scale_mod_only": False}, {"gate": _sd3_segments}, cfg=True),
+    Pipeline("qwen-image", "qwen_image", "Qwen-Image", {"transformer_blocks": 60},
+             {"gate": _qwen_segments}, cfg=True),
+)}
+
+
+def get_pipeline(name: str) -> Pipeline:
+    try:
+        return PIPELINES[name]
+    except KeyError:
+        raise ValueError(f"Calibri: unknown reference pipeline {name!r}; expected one of "
+                         f"{sorted(PIPELINES)}.") from None
+
+
+def _segments(pipeline: Pipeline, granularity: str, counts: dict | None) -> tuple[dict, list[list[str]]]:
+    if granularity not in pipeline.orders:
+        raise ValueError(f"Calibri: the reference has no {granularity!r} granularity for {pipeline.name}; "
+                         f"it has {sorted(pipeline.orders)}. Use one of those (or convert the calibration "
+                         f"with Calibration.convert first).")
+    counts = dict(pipeline.counts if counts is None else counts)
+    segments = pipeline.orders[granularity](counts)
+    # The flat order must name exactly the family table's sites: a mismatch is a bug in one of the two.
+    expected = get_family(pipeline.family).layout(counts).site_names(granularity)
+    flat = [s for seg in segments for s in seg]
+    if sorted(flat) != sorted(expected):
+        raise ValueError(f"Calibri: internal error: the {pipeline.name} {granularity} flat order does not match "
+                         f"the {pipeline.family} family table for counts {counts}.")
+    return counts, segments
+
+
+def reference_order(pipeline: str, granularity: str, members: int,
+                    counts: dict | None = None) -> list[tuple[int, str]]:
+    """The meaning of each entry of a flat vector: ``(member, site name)``, or ``(member, "ω")``.
+
+    Args:
+        pipeline: a key of ``PIPELINES``.
+        granularity: ``block``/``layer``/``gate`` (only ``gate`` for SD3.5 and Qwen-Image).
+        members: the ensemble size N (>= 1).
+        counts: family counts; default the pipeline's reference model.
+    """
+    if not isinstance(members, int) or members < 1:
+        raise ValueError(f"Calibri: the number of members must be a positive integer; got {members!r}.")
+    _, segments = _segments(get_pipeline(pipeline), granularity, counts)
+    order = [(m, site) for seg in segments for m in range(members) for site in seg]
+    return order + [(m, "ω") for m in range(members)]
+
+
+def reference_vector_length(pipeline: str, granularity: str, members: int, counts: dict | None = None) -> int:
+    return len(reference_order(pipeline, granularity, members, counts))
+
+
+def _default_prompts(pipeline: Pipeline, members: int) -> tuple[str, ...]:
+    if not pipeline.cfg or members == 1:
+        return ("positive",) * members
+    if members == 2:
+        return ("positive", "negative")
+    raise ValueError(f"Calibri: {pipeline.name} is a CFG pipeline; the reference's cfg case has N = 2 "
+                     f"(positive, negative). For N = {members} give the prompt of every member "
+                     f"(prompts=... / --prompts), each one of {PROMPTS}.")
+
+
+def from_reference_vector(vector: Sequence[float], pipeline: str, granularity: str, members: int | None = None,
+                          counts: dict | None = None, prompts: Sequence[str] | None = None) -> Calibration:
+    """A flat reference/search vector as a ``Calibration`` (sites in model order).
+
+    Args:
+        vector: the flat vector, in the reference's order (module docstring).
+        pipeline: a key of ``PIPELINES``.
+        granularity: ``block``/``layer``/``gate``.
+        members: N; inferred from the length when None (length = N · (sites + 1)).
+        counts: family counts; default the pipeline's reference model.
+        prompts: each member's prompt; default all positive (FLUX) or (positive, negative) for CFG pipelines.
+    """
+    spec = get_pipeline(pipeline)
+    counts, segments = _segments(spec, granularity, counts)
+    values = [float(v) for v in vector]
+    sites = sum(len(s) for s in segments)
+    if members is None:
+        if values and len(values) % (sites + 1) == 0:
+            members = len(values) // (sites + 1)
+        else:
+            raise ValueError(f"Calibri: a {spec.name} ({spec.title}) {granularity} vector has N × ({sites} scales "
+                             f"+ 1 ω) entries, i.e. {sites + 1}, {2 * (sites + 1)}, ... for N = 1, 2, ...; got "
+                             f"{len(values)}. Check --pipeline and --granularity.")
+    order = reference_order(spec.name, granularity, members, counts)
+    if len(values) != len(order):
+        raise ValueError(f"Calibri: a {spec.name} ({spec.title}) {granularity} vector with N = {members} members "
+                         f"must have {len(order)} entries (N × {sites} scales + N ω); got {len(values)}. "
+                         f"Check --pipeline, --granularity and --members.")
+    prompts = tuple(prompts) if prompts is not None else _default_prompts(spec, members)
+    if len(prompts) != members:
+        raise ValueError(f"Calibri: {len(prompts)} prompts given for {members} members; give one per member.")
+    table: list[dict[str, float]] = [{} for _ in range(members)]
+    for (m, site), value in zip(order, values):
+        table[m][site] = value
+    model_sites = get_family(spec.family).layout(counts).site_names(granularity)
+    return Calibration(spec.family, granularity, model_sites, tuple(
+        Member(tuple(table[m][s] for s in model_sites), table[m]["ω"], prompts[m]) for m in range(members)))
+
+
+def to_reference_vector(calibration: Calibration, pipeline: str, counts: dict | None = None) -> list[float]:
+    """A ``Calibration`` as the reference's flat vector (the inverse of ``from_reference_vector``).
+
+    Sites are matched by name, so the calibration's own site order does not matter; its granularity
+    must be one the reference has for that pipeline.
+    """
+    spec = get_pipeline(pipeline)
+    if calibration.family != spec.family:
+        raise ValueError(f"Calibri: this calibration is for the {calibration.family} family; the {spec.name} "
+                         f"pipeline needs {spec.family}. Choose the matching --pipeline.")
+    counts, _ = _segments(spec, calibration.granularity, counts)
+    calibration.check_against(get_family(spec.family).layout(counts))
+    by_name = [dict(zip(calibration.sites, m.scales)) | {"ω": m.weight} for m in calibration.members]
+    return [by_name[m][site] for m, site in reference_order(spec.name, calibration.granularity,
+                                                           len(calibration.members), counts)]
+
+
+def import_reference_checkpoint(path: str, pipeline: str, granularity: str, members: int | None = None,
+                                prompts: Sequence[str] | None = None, counts: dict | None = None,
+                                model_name: str | None = None):
+    """Read a reference ``cmaes_step_NNNN.json`` checkpoint as a ``Preset``.
+
+    Args:
+        path: the JSON file (keys ``step``, ``train_best``, ``train_mean``, ``val``, ``solution``,
+            ``shapes``, ``sigma``, ``timestamp``).
+        pipeline, granularity, members, prompts, counts: as ``from_reference_vector``; when ``members``
+            is None the checkpoint's ``shapes["n_models"]`` is used if present, else it is inferred.
+        model_name: recorded in the provenance (default the pipeline's model).
+    """
+    from .preset import Preset, tool_version
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"Calibri: reference checkpoint {path!r} does not exist. Give the path of a "
+                         f"cmaes_step_NNNN.json from the reference's checkpoints/step_N/ folder.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"Calibri: cannot read {path!r} as JSON ({e}); expected a reference "
+                         f"cmaes_step_NNNN.json checkpoint.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("solution"), list):
+        raise ValueError(f"Calibri: {path!r} has no 'solution' list; expected a reference cmaes_step_NNNN.json "
+                         f"with keys step, train_best, train_mean, val, solution, shapes, sigma, timestamp.")
+    solution = data["solution"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in solution):
+        raise ValueError(f"Calibri: {path!r}: 'solution' must hold only numbers.")
+    shapes = data.get("shapes")
+    if members is None and isinstance(shapes, dict) and isinstance(shapes.get("n_models"), int):
+        members = shapes["n_models"]
+    calibration = from_reference_vector(solution, pipeline, granularity, members, counts, prompts)
+    spec = get_pipeline(pipeline)
+    provenance = {
+        "source": "reference checkpoint (v-gen-ai/Calibri)",
+        "source_file": os.path.basename(path),
+        "pipeline": spec.name,
+        "model": {"name": model_name or spec.title},
+        "tool": "calibri_core.preset import",
+        "tool_version": tool_version(),
+    }
+    for key in ("step", "train_best", "train_mean", "val", "sigma", "timestamp", "shapes"):
+        value = data.get(key)
+        try:
+            json.dumps(value, allow_nan=False)  # NaN/inf (e.g. no validation yet) cannot go in strict JSON
+        except (TypeError, ValueError):
+            continue
+        if value is not None:
+            provenance[key] = value
+    counts = dict(spec.counts if counts is None else counts)
+    return Preset(calibration, counts, provenance)

@@ -1,0 +1,369 @@
+"""Calibri preset files: the public on-disk format of a calibration (see ``docs/preset-format.md``).
+
+A preset is a ``.safetensors`` file holding two float64 tensors, ``scales`` [N, sites] and
+``weights`` [N] (ω), and one metadata key ``calibri`` whose value is a JSON object:
+``format_version``, ``family``, ``granularity``, ``sites``, ``prompts``, ``counts`` and
+``provenance``. Loading never unpickles anything and validates every field; saving is atomic.
+This module is pure: no ComfyUI (numpy and safetensors only).
+
+Command line (``python -m calibri_core.preset -h``)::
+
+    python -m calibri_core.preset inspect FILE
+    python -m calibri_core.preset export-json FILE [-o OUT.json]
+    python -m calibri_core.preset import cmaes_step_0200.json --pipeline flux --granularity block -o OUT.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .calibration import Calibration, Member
+from .families import get_family
+from .sites import GRANULARITIES, SiteLayout
+
+FORMAT_VERSION = 1
+METADATA_KEY = "calibri"
+PRESET_FOLDER = "ComfyUI/models/calibri/"
+_REQUIRED = ("format_version", "family", "granularity", "sites", "prompts", "counts")
+
+
+def tool_version() -> str:
+    """The pack's version from ``pyproject.toml`` beside the package, or ``"unknown"``."""
+    try:
+        import tomllib
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+    except Exception:  # a missing or partial pyproject must never break saving
+        return "unknown"
+
+
+def _strict_json(value: Any, what: str) -> Any:
+    """``value`` after a JSON round trip (tuples become lists); rejects what JSON cannot hold."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"Calibri: the preset's {what} must be plain JSON (dicts, lists, strings, finite "
+                         f"numbers, booleans, null); {e}.") from None
+
+
+def _describe(family: str, counts: dict) -> str:
+    return f"{family} ({', '.join(f'{k}={v}' for k, v in counts.items())})"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A calibration plus what is needed to explain and reproduce it.
+
+    Args:
+        calibration: the scales, ω and prompts of every member (paper §3.2-3.3).
+        counts: ``SiteLayout.counts`` of the model it was made for (e.g. ``{"double_blocks": 19,
+            "single_blocks": 38}``); must describe a layout whose sites are the calibration's sites.
+        provenance: free-form JSON: model name and hash, reward(s), steps, cfg, sampler/scheduler,
+            resolution, search statistics, tool version, source, licence.
+    """
+
+    calibration: Calibration
+    counts: dict
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.calibration, Calibration):
+            raise ValueError(f"Calibri: a preset needs a Calibration; got {type(self.calibration).__name__}.")
+        if not isinstance(self.counts, dict) or not self.counts:
+            raise ValueError(f"Calibri: a preset needs the block counts of its model as a non-empty dict "
+                             f"(SiteLayout.counts); got {self.counts!r}.")
+        if not isinstance(self.provenance, dict):
+            raise ValueError(f"Calibri: a preset's provenance must be a dict; got {type(self.provenance).__name__}.")
+        object.__setattr__(self, "counts", _strict_json(self.counts, "counts"))
+        object.__setattr__(self, "provenance", _strict_json(self.provenance, "provenance"))
+        layout = self.layout()
+        try:
+            self.calibration.check_against(layout)
+        except ValueError as e:
+            raise ValueError(f"Calibri: the preset's sites do not fit its own counts "
+                             f"{_describe(layout.family, self.counts)}:\n{e}") from None
+
+    def layout(self) -> SiteLayout:
+        """The layout of the model this preset was made for, rebuilt from its counts."""
+        family = get_family(self.calibration.family)
+        try:
+            return family.layout(self.counts)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"Calibri: the preset's counts {self.counts} do not describe a {family.name} "
+                             f"({family.title}) model ({type(e).__name__}: {e}). Re-save the preset from the "
+                             f"model it was made for.") from None
+
+    def describe(self) -> str:
+        return _describe(self.calibration.family, self.counts)
+
+    def check_against(self, layout: SiteLayout) -> None:
+        """Raise a ValueError naming both sides if this preset was made for another model than ``layout``."""
+        theirs = _strict_json(layout.counts, "counts")
+        if self.calibration.family != layout.family or self.counts != theirs:
+            raise ValueError(f"Calibri: this preset was made for {self.describe()}; the connected model is "
+                             f"{_describe(layout.family, theirs)}. Load a preset made for this model, or run "
+                             f"the search for it.")
+        self.calibration.check_against(layout)
+
+
+def _metadata(preset: Preset) -> dict:
+    cal = preset.calibration
+    return {
+        "format_version": FORMAT_VERSION,
+        "family": cal.family,
+        "granularity": cal.granularity,
+        "sites": list(cal.sites),
+        "prompts": [m.prompt for m in cal.members],
+        "counts": preset.counts,
+        "provenance": preset.provenance,
+    }
+
+
+def save_preset(path: str | os.PathLike, preset: Preset, overwrite: bool = False) -> str:
+    """Write ``preset`` to ``path`` (a ``.safetensors`` file) atomically.
+
+    The bytes go to a temporary file in the same folder, are fsynced, then ``os.replace`` puts them in
+    place, so a crash or error never leaves a half-written or corrupted preset behind.
+
+    Args:
+        path: destination; its folder must exist. Presets usually go in ``ComfyUI/models/calibri/``.
+        preset: the preset to write.
+        overwrite: replace an existing file; without it an existing file is an error.
+
+    Returns:
+        the path written.
+    """
+    from safetensors.numpy import save
+
+    path = os.fspath(path)
+    if not isinstance(preset, Preset):
+        raise ValueError(f"Calibri: save_preset needs a Preset; got {type(preset).__name__}.")
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"Calibri: preset file names end in .safetensors; got {path!r}.")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"Calibri: cannot save {path!r}: folder {folder!r} does not exist. Create it first "
+                         f"(presets usually go in {PRESET_FOLDER}).")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"Calibri: {path!r} already exists; not overwriting it. Choose another name or ask "
+                         f"to overwrite (overwrite=True, --overwrite).")
+    cal = preset.calibration
+    tensors = {
+        "scales": np.array([m.scales for m in cal.members], dtype=np.float64).reshape(len(cal.members), -1),
+        "weights": np.array([m.weight for m in cal.members], dtype=np.float64),
+    }
+    data = save(tensors, metadata={METADATA_KEY: json.dumps(_metadata(preset), allow_nan=False,
+                                                             ensure_ascii=False)})
+    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable; not possible on every platform
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def load_preset(path: str | os.PathLike) -> Preset:
+    """Read and validate a preset file. Never unpickles: only safetensors and JSON are parsed.
+
+    Raises:
+        ValueError: ("Calibri: ...") for a missing file, a file that is not a Calibri preset, invalid
+            or unknown-version metadata, tensor shapes that disagree with the metadata, non-finite
+            values, an unknown family or counts that do not fit the sites.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+
+    def bad(message: str) -> ValueError:
+        return ValueError(f"Calibri: preset {path!r}: {message}")
+
+    if not os.path.exists(path):
+        raise ValueError(f"Calibri: preset file {path!r} does not exist. Presets are .safetensors files in "
+                         f"{PRESET_FOLDER}; check the name, or make one with the search or CalibriSavePreset.")
+    if not os.path.isfile(path):
+        raise bad("is not a file; give the path of a .safetensors preset.")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            header = f.metadata() or {}
+            keys = set(f.keys())
+            tensors = {k: f.get_tensor(k) for k in ("scales", "weights") if k in keys}
+    except Exception as e:  # safetensors raises its own error type for every kind of corrupt file
+        raise bad(f"is not a readable safetensors file ({type(e).__name__}: {e}). A Calibri preset is a "
+                  f".safetensors file written by Calibri; re-save or re-download it.") from None
+    if METADATA_KEY not in header:
+        raise bad(f"has no {METADATA_KEY!r} metadata, so it is not a Calibri preset (a model or LoRA file?). "
+                  f"Metadata keys found: {sorted(header)}.")
+    try:
+        meta = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise bad(f"its {METADATA_KEY!r} metadata is not valid JSON ({e}); the file is damaged, re-save it.") from None
+    if not isinstance(meta, dict):
+        raise bad(f"its {METADATA_KEY!r} metadata must be a JSON object; got {type(meta).__name__}.")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise bad(f"its metadata lacks {missing}; a version-{FORMAT_VERSION} preset has {list(_REQUIRED)} "
+                  f"and provenance.")
+    version = meta["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise bad(f"format_version must be a positive integer; got {version!r}.")
+    if version != FORMAT_VERSION:
+        raise bad(f"has format_version {version}, but this Calibri reads format_version {FORMAT_VERSION}. "
+                  f"Update the Calibri node pack to load it.")
+    for key, kind in (("family", str), ("granularity", str), ("sites", list), ("prompts", list),
+                      ("counts", dict), ("provenance", dict)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise bad(f"metadata {key!r} must be a {kind.__name__}; got {meta[key]!r:.80}.")
+    if meta["granularity"] not in GRANULARITIES:
+        raise bad(f"granularity {meta['granularity']!r} is not one of {GRANULARITIES}.")
+    for key in ("sites", "prompts"):
+        if not all(isinstance(v, str) for v in meta[key]):
+            raise bad(f"metadata {key!r} must be a list of strings.")
+    sites, prompts = meta["sites"], meta["prompts"]
+    for name in ("scales", "weights"):
+        if name not in tensors:
+            raise bad(f"has no {name!r} tensor; a preset holds 'scales' [N, sites] and 'weights' [N].")
+        if tensors[name].dtype.kind != "f":
+            raise bad(f"tensor {name!r} must be floating point (float64); got {tensors[name].dtype}.")
+    n = len(prompts)
+    if tensors["scales"].shape != (n, len(sites)):
+        raise bad(f"tensor 'scales' has shape {list(tensors['scales'].shape)}, but the metadata names {n} members "
+                  f"(prompts) and {len(sites)} sites, so [{n}, {len(sites)}] was expected.")
+    if tensors["weights"].shape != (n,):
+        raise bad(f"tensor 'weights' has shape {list(tensors['weights'].shape)}; [{n}] (one ω per member) "
+                  f"was expected.")
+    scales = tensors["scales"].astype(np.float64).tolist()
+    weights = tensors["weights"].astype(np.float64).tolist()
+    try:
+        calibration = Calibration(meta["family"], meta["granularity"], tuple(sites), tuple(
+            Member(tuple(row), w, p) for row, w, p in zip(scales, weights, prompts)))
+        return Preset(calibration, meta["counts"], meta.get("provenance", {}))
+    except ValueError as e:
+        raise bad(str(e).removeprefix("Calibri: ")) from None
+
+
+def preset_to_json(preset: Preset) -> dict:
+    """All content of a preset as one JSON-able dict (what ``export-json`` writes)."""
+    meta = _metadata(preset)
+    meta["members"] = [{"prompt": m.prompt, "weight": m.weight, "scales": dict(zip(preset.calibration.sites,
+                                                                                    m.scales))}
+                       for m in preset.calibration.members]
+    return meta
+
+
+def _table(preset: Preset) -> str:
+    cal = preset.calibration
+    width = max(len(s) for s in (*cal.sites, "prompt"))
+    head = " ".join(f"{f'member {i + 1}':>12}" for i in range(len(cal.members)))
+    lines = [f"{'site':<{width}} {head}"]
+    for j, site in enumerate(cal.sites):
+        lines.append(f"{site:<{width}} " + " ".join(f"{m.scales[j]:>12.6g}" for m in cal.members))
+    lines.append(f"{'ω':<{width}} " + " ".join(f"{m.weight:>12.6g}" for m in cal.members))
+    lines.append(f"{'prompt':<{width}} " + " ".join(f"{m.prompt:>12}" for m in cal.members))
+    return "\n".join(lines)
+
+
+def _inspect_text(path: str, preset: Preset) -> str:
+    cal = preset.calibration
+    return "\n".join([
+        f"file:           {path}",
+        f"format_version: {FORMAT_VERSION}",
+        f"family:         {cal.family} ({get_family(cal.family).title})",
+        f"counts:         {json.dumps(preset.counts)}",
+        f"granularity:    {cal.granularity} ({len(cal.sites)} sites)",
+        f"members:        {len(cal.members)}",
+        "provenance:     " + json.dumps(preset.provenance, indent=2, ensure_ascii=False).replace("\n", "\n  "),
+        "",
+        _table(preset),
+        "",
+    ])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``python -m calibri_core.preset`` command line; returns the exit status."""
+    from .layouts import PIPELINES, import_reference_checkpoint
+
+    parser = argparse.ArgumentParser(prog="python -m calibri_core.preset",
+                                     description="Inspect, export and import Calibri preset files.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="print a preset's metadata and its scales per site and member")
+    p.add_argument("file")
+    p = sub.add_parser("export-json", help="write all of a preset's content as JSON")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", help="JSON file to write (default: standard output)")
+    p = sub.add_parser("import", help="convert a reference cmaes_step_NNNN.json checkpoint to a preset")
+    p.add_argument("reference", help="the reference's cmaes_step_NNNN.json")
+    p.add_argument("--pipeline", required=True, choices=sorted(PIPELINES))
+    p.add_argument("--granularity", required=True, choices=GRANULARITIES,
+                   help="the reference's scaling granularity (sd3.5/qwen-image: gate only)")
+    p.add_argument("-o", "--output", required=True, help="preset to write (.safetensors)")
+    p.add_argument("--members", type=int, help="ensemble size N (default: from the checkpoint / its length)")
+    p.add_argument("--prompts", help="comma-separated prompt per member, e.g. positive,negative")
+    p.add_argument("--model-name", help="model name recorded in the provenance")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "import":
+            if args.members is not None and args.members < 1:
+                parser.error(f"--members must be at least 1; got {args.members}.")
+            if not os.path.isfile(args.reference):
+                parser.error(f"reference checkpoint {args.reference!r} does not exist.")
+            prompts = [s.strip() for s in args.prompts.split(",")] if args.prompts else None
+            preset = import_reference_checkpoint(args.reference, args.pipeline, args.granularity, args.members,
+                                                 prompts=prompts, model_name=args.model_name)
+            save_preset(args.output, preset, overwrite=args.overwrite)
+            cal = preset.calibration
+            sys.stdout.write(f"wrote {args.output}: {cal.family} {cal.granularity}, {len(cal.sites)} sites, "
+                             f"{len(cal.members)} member(s)\n")
+            return 0
+        if not os.path.isfile(args.file):
+            parser.error(f"preset file {args.file!r} does not exist.")
+        preset = load_preset(args.file)
+        if args.command == "inspect":
+            sys.stdout.write(_inspect_text(args.file, preset))
+        else:
+            text = json.dumps(preset_to_json(preset), indent=2, ensure_ascii=False) + "\n"
+            if args.output:
+                with open(args.output, "w", encoding="utf-8") as f:
+                    f.write(text)
+            else:
+                sys.stdout.write(text)
+        return 0
+    except ValueError as e:
+        parser.error(str(e))
+    return 2  # not reached: parser.error exits
+
+
+if __name__ == "__main__":
+    # Run the package's copy of this module, so Preset is one class whether reached via -m or an import.
+    from calibri_core.preset import main as _main
+
+    sys.exit(_main())
