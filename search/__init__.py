@@ -1,0 +1,1 @@
+"""Headless CMA-ES search for Calibri scales (ask/tell loop, image rewards)."""

@@ -1,0 +1,245 @@
+"""Image reward registry for Calibri's search.
+
+Every reward is an object with ``score(images, prompts) -> torch.Tensor``: ``images`` is a ComfyUI IMAGE batch
+(float [B,H,W,3] in [0,1]), ``prompts`` a list of B strings, and the result float32 [B] on CPU, higher is better.
+``build_rewards([{"name": "hpsv3", "weight": 1.0, ...options}, ...])`` returns a :class:`CombinedReward` whose score
+is the weighted sum (Calibri's ``multi_score`` "avg", which is a sum, not a mean). See docs/rewards.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ._common import as_scores, check_batch
+
+logger = logging.getLogger("calibri")
+
+__all__ = ["Reward", "CombinedReward", "register_reward", "registered_rewards", "build_reward", "build_rewards"]
+
+
+class Reward:
+    """Base class: subclasses implement :meth:`_score` on a checked batch; :meth:`score` validates in and out."""
+
+    name = "reward"
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        images = check_batch(images, prompts, self.name)
+        return as_scores(self._score(images, list(prompts)), images.shape[0], self.name)
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.score(images, prompts)
+
+
+_REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+
+def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
+    """Register a factory ``f(**options) -> Reward`` under ``name``."""
+
+    def deco(factory: Callable[..., Reward]) -> Callable[..., Reward]:
+        if name in _REGISTRY:
+            raise ValueError(f"Calibri: reward {name!r} is already registered.")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def registered_rewards() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_reward(name: str, **options: Any) -> Reward:
+    """Build one reward by registry name, or ``python:module:callable`` for a user reward."""
+    if not isinstance(name, str):
+        raise TypeError(f"Calibri: reward name must be a string, got {type(name).__name__}.")
+    if name.startswith("python:"):
+        return PythonReward(name, **options)
+    if name not in _REGISTRY:
+        near = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+        raise ValueError(f"Calibri: unknown reward {name!r}.{hint} Registered rewards: {', '.join(registered_rewards())}"
+                         f"; or use 'python:module:callable' for your own.")
+    return _REGISTRY[name](**options)
+
+
+class CombinedReward(Reward):
+    """Weighted sum of several rewards; :meth:`score_details` also returns each reward's raw scores."""
+
+    name = "combined"
+
+    def __init__(self, members: Sequence[tuple[str, float, Reward]]):
+        if not members:
+            raise ValueError("Calibri: build_rewards needs at least one reward, got an empty list.")
+        self.members = list(members)
+
+    def score_details(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        images = check_batch(images, prompts, self.name)
+        details: dict[str, torch.Tensor] = {}
+        total = torch.zeros(images.shape[0], dtype=torch.float32)
+        for key, weight, reward in self.members:
+            scores = reward.score(images, prompts)
+            details[key] = scores
+            total = total + float(weight) * scores
+        details["total"] = total
+        return details
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.score_details(images, prompts)["total"]
+
+
+def build_rewards(spec: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> CombinedReward:
+    """Build a weighted-sum scorer from ``[{"name": ..., "weight": 1.0, ...options}]`` (a single dict is allowed)."""
+    if isinstance(spec, Mapping):
+        spec = [spec]
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
+        raise TypeError(f"Calibri: reward spec must be a list of dicts like [{{'name': 'hpsv3', 'weight': 1.0}}], "
+                        f"got {type(spec).__name__}.")
+    members = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(spec):
+        if not isinstance(entry, Mapping) or "name" not in entry:
+            raise ValueError(f"Calibri: reward spec entry {i} must be a dict with a 'name' key, got {entry!r}.")
+        options = dict(entry)
+        name = options.pop("name")
+        weight = options.pop("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"Calibri: weight of reward {name!r} must be a number, got {weight!r}.")
+        reward = build_reward(name, **options)
+        seen[name] = seen.get(name, 0) + 1
+        key = name if seen[name] == 1 else f"{name}#{seen[name]}"
+        members.append((key, float(weight), reward))
+    return CombinedReward(members)
+
+
+class PythonReward(Reward):
+    """``python:module:callable``. A class is instantiated with the options and its ``score`` (or ``__call__``) used;
+    a function is called as ``f(images, prompts, **options)``. Either returns B numbers."""
+
+    def __init__(self, spec: str, **options: Any):
+        self.name = spec
+        parts = spec.split(":")
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            raise ValueError(f"Calibri: user reward must be written 'python:module:callable', got {spec!r}.")
+        _, module_name, attr = parts
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"Calibri: cannot import module {module_name!r} for reward {spec!r}: {e}. "
+                             f"Make sure it is on PYTHONPATH.") from e
+        target: Any = module
+        for piece in attr.split("."):
+            if not hasattr(target, piece):
+                raise ValueError(f"Calibri: module {module_name!r} has no attribute {attr!r} (reward {spec!r}).")
+            target = getattr(target, piece)
+        if isinstance(target, type):
+            obj = target(**options)
+            self._fn = getattr(obj, "score", obj)
+            self._options: dict[str, Any] = {}
+        elif callable(target):
+            self._fn = target
+            self._options = options
+        else:
+            raise TypeError(f"Calibri: {spec!r} is not callable (got {type(target).__name__}).")
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self._fn(images, prompts, **self._options)
+
+
+class TargetReward(Reward):
+    """Negative mean squared distance to target images (identical images score 0). Used by tests and demos.
+
+    Args:
+        images: target batch [N,H,W,3] (tensor, or a list of [H,W,3] tensors); N is 1 (shared) or B (per index).
+        path: alternatively a ``.safetensors`` file holding the key ``images``.
+    """
+
+    name = "target"
+
+    def __init__(self, images: Any = None, path: str | os.PathLike | None = None):
+        if (images is None) == (path is None):
+            raise ValueError("Calibri: reward 'target' needs exactly one of the options 'images' or 'path'.")
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"Calibri: target images file not found: {path}.")
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+            if "images" not in tensors:
+                raise ValueError(f"Calibri: {path} has no key 'images' (keys: {sorted(tensors)}).")
+            images = tensors["images"]
+        if isinstance(images, (list, tuple)):
+            images = torch.stack([torch.as_tensor(i) for i in images])
+        images = torch.as_tensor(images, dtype=torch.float32)
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"Calibri: target images must be [N,H,W,3], got {tuple(images.shape)}.")
+        self.target = images
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        t = self.target
+        if t.shape[1:] != images.shape[1:] or t.shape[0] not in (1, images.shape[0]):
+            raise ValueError(f"Calibri: target images {tuple(t.shape)} do not match the batch {tuple(images.shape)}; "
+                             f"expected [1 or {images.shape[0]}, {', '.join(map(str, images.shape[1:]))}].")
+        return -((images - t) ** 2).mean(dim=(1, 2, 3))
+
+
+register_reward("target")(TargetReward)
+
+
+@register_reward("remote")
+def _build_remote(**options: Any) -> Reward:
+    from .remote import RemoteReward
+
+    return RemoteReward(**options)
+
+
+@register_reward("imagereward")
+def _build_imagereward(**options: Any) -> Reward:
+    # image-reward 1.5 cannot import on transformers 5 (BLIP med.py needs removed modeling_utils helpers), so it only
+    # runs out of process: reward_server.py --reward imagereward-package in an env with transformers 4.52.
+    from .remote import RemoteReward
+
+    options.setdefault("env_var", "CALIBRI_IMAGEREWARD_URL")
+    options.setdefault("expect", "imagereward-package")
+    return RemoteReward(**options)
+
+
+@register_reward("hpsv3")
+def _build_hpsv3(**options: Any) -> Reward:
+    from .hpsv3 import HPSv3Reward
+
+    return HPSv3Reward(**options)
+
+
+@register_reward("pickscore")
+def _build_pickscore(**options: Any) -> Reward:
+    from .clip_rewards import PickScoreReward
+
+    return PickScoreReward(**options)
+
+
+@register_reward("clip")
+def _build_clip(**options: Any) -> Reward:
+    from .clip_rewards import ClipScoreReward
+
+    return ClipScoreReward(**options)
+
+
+@register_reward("hpsv2")
+def _build_hpsv2(**options: Any) -> Reward:
+    from .clip_rewards import HPSv2Reward
+
+    return HPSv2Reward(**options)
