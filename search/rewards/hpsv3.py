@@ -339,9 +339,9 @@ class HPSv3Reward(Reward):
         for key, value in state.items():
             new = remap_checkpoint_key(key)
             if new is not None:
-                remapped[new] = value
+                remapped[new if new.startswith("rm_head.") else "backbone." + new] = value
         del state
-        emb_key = "language_model.embed_tokens.weight"
+        emb_key = "backbone.language_model.embed_tokens.weight"
         if emb_key not in remapped or "rm_head.5.weight" not in remapped:
             raise ValueError(f"Calibri: {ckpt} is not an HPSv3 checkpoint (no model.embed_tokens.weight / rm_head.*).")
         vocab = remapped[emb_key].shape[0]
