@@ -117,3 +117,19 @@ def test_each_site_alone_matches_reference(family, granularity):
         worst = max(worst, (got - expected).abs().max().item())
     print(f"{family} {granularity} one site at 0: worst max |Δv| = {worst:.3e} over {len(probed)} sites")
     assert worst <= TOLERANCE
+
+
+def test_strength_matches_reference_at_interpolated_scales():
+    """apply_calibration(strength=k) is the reference run with scales 1 + k·(s − 1)."""
+    family, granularity, strength = "flux", "gate", 0.5
+    model, patcher, inputs = _pair(family)
+    _, layout = model_layout(patcher)
+    sites = layout.site_names(granularity)
+    calibration = _random_calibration(family, granularity, sites, seed=7)
+    interpolated = {site: 1 + strength * (s - 1) for site, s in calibration.scales_by_site().items()}
+    with ref.reference_scaling(model, family, granularity, interpolated):
+        expected = ref.diffusers_velocity(model, family, inputs)
+    got = ref.comfy_velocity(apply_calibration(patcher, calibration, strength=strength), family, inputs)
+    difference = (got - expected).abs().max().item()
+    print(f"{family} {granularity} strength {strength}: max |Δv| = {difference:.3e}")
+    assert difference <= TOLERANCE
