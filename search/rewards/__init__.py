@@ -214,6 +214,7 @@ def _build_imagereward(**options: Any) -> Reward:
 
     options.setdefault("env_var", "CALIBRI_IMAGEREWARD_URL")
     options.setdefault("expect", "imagereward-package")
+    options.setdefault("name", "imagereward")
     return RemoteReward(**options)
 
 
