@@ -270,3 +270,187 @@ def test_remap_keys():
     assert H.remap_checkpoint_key("model.visual.merger.ln_q.weight") == "visual.merger.ln_q.weight"
     assert H.remap_checkpoint_key("lm_head.weight") is None
     assert H.remap_checkpoint_key("rm_head.5.bias") == "rm_head.5.bias"
+
+
+# --- registry, target, python: rewards ---------------------------------------------------------------------------
+
+def test_registry_lists_rewards():
+    assert {"hpsv3", "pickscore", "hpsv2", "clip", "imagereward", "remote", "target"} <= set(registered_rewards())
+
+
+def test_unknown_reward_suggests_near_misses():
+    with pytest.raises(ValueError, match=r"unknown reward 'hpsv'\. Did you mean 'hpsv3'.*Registered rewards: clip"):
+        build_rewards([{"name": "hpsv"}])
+    with pytest.raises(ValueError, match="'name' key"):
+        build_rewards([{"weight": 1.0}])
+    with pytest.raises(ValueError, match="at least one"):
+        build_rewards([])
+
+
+def test_target_reward():
+    imgs = images(3)
+    r = build_reward("target", images=imgs)
+    s = r.score(imgs, PROMPTS)
+    assert s.dtype == torch.float32 and torch.equal(s, torch.zeros(3))
+    other = r.score(images(3, seed=1), PROMPTS)
+    assert (other < 0).all()
+    shared = build_reward("target", images=imgs[0])  # one target broadcast over the batch
+    assert shared.score(imgs, PROMPTS)[0] == 0 and (shared.score(imgs, PROMPTS)[1:] < 0).all()
+    with pytest.raises(ValueError, match="do not match"):
+        r.score(images(3, 32, 32), PROMPTS)
+
+
+def test_target_reward_from_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    imgs = images(2)
+    save_file({"images": imgs}, str(tmp_path / "t.safetensors"))
+    assert torch.equal(build_reward("target", path=str(tmp_path / "t.safetensors")).score(imgs, PROMPTS[:2]),
+                       torch.zeros(2))
+    save_file({"other": imgs}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="no key 'images'"):
+        build_reward("target", path=str(tmp_path / "bad.safetensors"))
+
+
+def test_batch_validation():
+    r = build_reward("target", images=images(3))
+    with pytest.raises(ValueError, match="one prompt per image"):
+        r.score(images(3), PROMPTS[:2])
+    with pytest.raises(ValueError, match=r"\[B,H,W,3\]"):
+        r.score(images(3).permute(0, 3, 1, 2), PROMPTS)
+
+
+USER_MODULE = '''
+import torch
+
+def brightness(images, prompts, scale=1.0):
+    return scale * images.mean(dim=(1, 2, 3))
+
+def bad_shape(images, prompts):
+    return [1.0]
+
+def slow(images, prompts, delay=0.0):
+    import time
+    time.sleep(delay)
+    return images.mean(dim=(1, 2, 3))
+
+class Length:
+    def __init__(self, offset=0.0):
+        self.offset = offset
+
+    def score(self, images, prompts):
+        return [len(p) + self.offset for p in prompts]
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "calibri_user_reward.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_python_rewards(user_module):
+    imgs = images(3)
+    s = build_reward("python:calibri_user_reward:brightness", scale=2.0).score(imgs, PROMPTS)
+    torch.testing.assert_close(s, 2.0 * imgs.mean(dim=(1, 2, 3)))
+    s = build_reward("python:calibri_user_reward:Length", offset=1.0).score(imgs, PROMPTS)
+    assert s.tolist() == [len(p) + 1.0 for p in PROMPTS]
+    with pytest.raises(ValueError, match=r"returned shape \(1,\); expected \[3\]"):
+        build_reward("python:calibri_user_reward:bad_shape").score(imgs, PROMPTS)
+    with pytest.raises(ValueError, match="no attribute"):
+        build_reward("python:calibri_user_reward:missing")
+    with pytest.raises(ValueError, match="cannot import"):
+        build_reward("python:no_such_module_calibri:f")
+    with pytest.raises(ValueError, match="python:module:callable"):
+        build_reward("python:only_module")
+
+
+def test_weighted_combination(user_module):
+    imgs, tgt = images(3), images(3, seed=1)
+    combo = build_rewards([{"name": "target", "weight": 2.0, "images": tgt},
+                           {"name": "python:calibri_user_reward:Length", "weight": -0.5},
+                           {"name": "target", "weight": 1.0, "images": imgs}])
+    d = combo.score_details(imgs, PROMPTS)
+    assert set(d) == {"target", "python:calibri_user_reward:Length", "target#2", "total"}
+    want = 2.0 * build_reward("target", images=tgt).score(imgs, PROMPTS) - 0.5 * torch.tensor(
+        [float(len(p)) for p in PROMPTS])
+    torch.testing.assert_close(d["total"], want)
+    torch.testing.assert_close(combo.score(imgs, PROMPTS), want)
+    with pytest.raises(TypeError, match="weight"):
+        build_rewards([{"name": "target", "weight": "1", "images": imgs}])
+
+
+# --- remote server -------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(user_module):
+    procs = []
+
+    def start(reward: str, options: dict | None = None) -> str:
+        port = _free_port()
+        env = dict(__import__("os").environ, PYTHONPATH=f"{ROOT}:{user_module}")
+        p = subprocess.Popen([sys.executable, str(ROOT / "search" / "reward_server.py"), "--reward", reward,
+                              "--options", json.dumps(options or {}), "--port", str(port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        procs.append(p)
+        line = p.stdout.readline()
+        assert line.strip() == f"Calibri reward server listening on http://127.0.0.1:{port}", p.stderr.read()
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for p in procs:
+        p.terminate()
+        assert p.wait(timeout=10) == 0  # SIGTERM shuts the server down cleanly
+
+
+def test_remote_matches_in_process(server):
+    url = server("python:calibri_user_reward:brightness", {"scale": 3.0})
+    imgs = images(5)
+    local = build_reward("python:calibri_user_reward:brightness", scale=3.0).score(imgs, PROMPTS + ["d", "e"])
+    remote = build_reward("remote", url=url, batch_size=2, expect="python:calibri_user_reward:brightness")
+    assert torch.equal(remote.score(imgs, PROMPTS + ["d", "e"]), local)  # npz floats are lossless
+    png = build_reward("remote", url=url, image_format="png").score(imgs, PROMPTS + ["d", "e"])
+    torch.testing.assert_close(png, local, atol=3 * 0.5 / 255, rtol=0)
+    assert remote.health() == {"status": "ok", "reward": "python:calibri_user_reward:brightness"}
+
+
+def test_remote_registry_reward_and_errors(server, tmp_path):
+    from safetensors.torch import save_file
+
+    tgt = images(2)
+    save_file({"images": tgt}, str(tmp_path / "target.safetensors"))
+    url = server("target", {"path": str(tmp_path / "target.safetensors")})
+    assert torch.equal(build_reward("remote", url=url).score(tgt, PROMPTS[:2]), torch.zeros(2))
+    with pytest.raises(RuntimeError, match="HTTP 500.*do not match"):  # 5xx: retried, then reported
+        build_reward("remote", url=url, retries=1, backoff=0.01).score(images(2, 8, 8), PROMPTS[:2])
+    with pytest.raises(RuntimeError, match="serves 'target', expected 'imagereward-package'"):
+        build_reward("imagereward", url=url).score(tgt, PROMPTS[:2])
+
+
+def test_remote_timeout_and_retry(server):
+    url = server("python:calibri_user_reward:slow", {"delay": 0.8})
+    r = build_reward("remote", url=url, timeout=0.2, retries=1, backoff=0.01)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="failed after 2 attempts"):
+        r.score(images(1), PROMPTS[:1])
+    assert time.monotonic() - t0 < 5
+    ok = build_reward("remote", url=url, timeout=10, retries=0)
+    assert ok.score(images(1), PROMPTS[:1]).shape == (1,)
+
+
+def test_remote_config_errors(monkeypatch):
+    monkeypatch.delenv("CALIBRI_IMAGEREWARD_URL", raising=False)
+    with pytest.raises(ValueError, match="reward_server.py --reward imagereward-package.*CALIBRI_IMAGEREWARD_URL"):
+        build_reward("imagereward")
+    with pytest.raises(ValueError, match="loopback"):
+        build_reward("remote", url="http://10.0.0.1:18067")
+    closed = build_reward("remote", url=f"http://127.0.0.1:{_free_port()}", retries=1, backoff=0.01, timeout=1)
+    with pytest.raises(RuntimeError, match="failed after 2 attempts"):
+        closed.score(images(1), PROMPTS[:1])
