@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -397,11 +398,20 @@ def serve(port: int = 8188) -> int:
     cmd = server_command(port, cpu=not cuda)
     _log(f"Calibri: starting ComfyUI on http://127.0.0.1:{port} ($ {' '.join(cmd)} in {host.path})")
     proc = subprocess.Popen(cmd, cwd=host.path)
+
+    def _stop(signum, frame):  # never leave ComfyUI running without us (SIGTERM, or SIGINT outside a terminal)
+        proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+    old = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        return proc.wait()
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                proc.terminate()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 _NODE_IDS_CODE = r"""
@@ -426,6 +436,11 @@ print("CALIBRI_NODE_IDS=" + json.dumps({{"entrypoint": hasattr(mod, "comfy_entry
 def smoke(timeout: float = 300.0) -> int:
     """Boot ComfyUI with the pack on a free port, check it, stop it. Returns 0 when every check passed."""
     t0 = time.monotonic()
+
+    def _interrupt(signum, frame):  # SIGTERM unwinds like Ctrl-C, so the `finally` below stops the server
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
     host, cuda = setup()
     link = install_pack(host)
     port = _free_port()
