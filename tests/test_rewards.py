@@ -454,3 +454,106 @@ def test_remote_config_errors(monkeypatch):
     closed = build_reward("remote", url=f"http://127.0.0.1:{_free_port()}", retries=1, backoff=0.01, timeout=1)
     with pytest.raises(RuntimeError, match="failed after 2 attempts"):
         closed.score(images(1), PROMPTS[:1])
+
+
+# --- CLIP family -----------------------------------------------------------------------------------------------------
+
+def _word_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<|startoftext|>", "<|endoftext|>", "[UNK]", "a", "cat", "red", "dog", "on", "long", "wooden", "table", "x"]
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A <|endoftext|>",
+                                                      special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                            pad_token="<|endoftext|>", unk_token="[UNK]").save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    d = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77, eos_token_id=1,
+                                      bos_token_id=0, pad_token_id=1),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=8)
+    CLIPModel(cfg).save_pretrained(d)
+    _word_tokenizer(d)
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}))
+    return d
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clip"])
+def test_hf_clip_rewards_plumbing(tiny_clip, name):
+    opts = {"model": str(tiny_clip), "device": "cpu"}
+    if name == "pickscore":
+        opts["processor"] = str(tiny_clip)
+    r = build_reward(name, **opts)
+    imgs = images(3, 40, 56)
+    s = r.score(imgs, PROMPTS)
+    assert s.shape == (3,) and s.dtype == torch.float32
+    assert torch.equal(s, r.score(imgs, PROMPTS))
+    singles = torch.cat([r.score(imgs[i:i + 1], [PROMPTS[i]]) for i in range(3)])
+    torch.testing.assert_close(s, singles, atol=1e-5, rtol=1e-5)
+    # score = logit_scale.exp() * cos(image, text), checked against CLIPModel's own logits_per_image diagonal
+    pix = r.pixels(imgs)
+    assert pix.shape == (3, 3, 32, 32)
+    tok = r.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    with torch.inference_mode():
+        out = r.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], pixel_values=pix)
+    torch.testing.assert_close(s, out.logits_per_image.diagonal(), atol=1e-5, rtol=1e-5)
+
+
+def test_pickscore_missing_files_are_named(tiny_clip, tmp_path, monkeypatch):
+    monkeypatch.delenv("CALIBRI_PICKSCORE_DIR", raising=False)
+    with pytest.raises(ValueError, match="CALIBRI_PICKSCORE_DIR.*yuvalkirstain/PickScore_v1"):
+        build_reward("pickscore", processor=str(tiny_clip))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="missing model.safetensors or pytorch_model.bin.*PickScore_v1"):
+        build_reward("pickscore", model=str(tmp_path), processor=str(tiny_clip))
+
+
+@pytest.fixture(scope="module")
+def tiny_hpsv2(tmp_path_factory):
+    open_clip = pytest.importorskip("open_clip")
+    d = tmp_path_factory.mktemp("hpsv2")
+    cfg = {"embed_dim": 8, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "patch_size": 8,
+                                          "head_width": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    (d / "calibri-tiny-hps.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(d / "calibri-tiny-hps.json"))
+    torch.manual_seed(0)
+    model = open_clip.create_model("calibri-tiny-hps", pretrained=None)
+    torch.save({"state_dict": model.state_dict()}, str(d / "HPS_v2.1_compressed.pt"))
+    return d
+
+
+def test_hpsv2_plumbing(tiny_hpsv2):
+    from search.rewards.clip_rewards import resize_max_size_pad
+
+    r = build_reward("hpsv2", checkpoint=str(tiny_hpsv2 / "HPS_v2.1_compressed.pt"), model_name="calibri-tiny-hps",
+                     device="cpu")
+    imgs = images(3, 40, 56)
+    s = r.score(imgs, PROMPTS)
+    assert s.shape == (3,) and s.dtype == torch.float32 and (s.abs() <= 1).all()  # cosine, no logit scale
+    assert torch.equal(s, r.score(imgs, PROMPTS))
+    singles = torch.cat([r.score(imgs[i:i + 1], [PROMPTS[i]]) for i in range(3)])
+    torch.testing.assert_close(s, singles, atol=1e-5, rtol=1e-5)
+    padded = resize_max_size_pad(torch.ones(3, 40, 56), 32)  # longest side -> 32, zero-pad the short side centred
+    assert padded.shape == (3, 32, 32) and padded[:, :4].abs().sum() == 0 and padded[:, 5:27].min() > 0.9
+
+
+def test_hpsv2_missing_checkpoint(tmp_path, monkeypatch):
+    pytest.importorskip("open_clip")
+    monkeypatch.delenv("CALIBRI_HPSV2_CHECKPOINT", raising=False)
+    with pytest.raises(FileNotFoundError, match="HPSv2 checkpoint not found.*xswu/HPSv2"):
+        build_reward("hpsv2", checkpoint=str(tmp_path / "HPS_v2.1_compressed.pt"))
