@@ -22,7 +22,7 @@ class TinySpec:
     context: tuple                   # cross-attention tokens, dim
     pooled: int = 0                  # pooled_output width (0 = none)
     guidance: float | None = None
-    extra: dict = field(default_factory=dict)
+    tanh_gates: bool = False          # keep |tanh(gate)| small so the atanh reference stays defined
 
 
 SPECS = {
@@ -56,7 +56,7 @@ SPECS = {
                                        ffn_dim_multiplier=8 / 3, qk_norm=True, cap_feat_dim=32, axes_dims=[4, 6, 6],
                                        axes_lens=[300, 512, 512], z_image_modulation=True, time_scale=1000,
                                        pad_tokens_multiple=32, rope_theta=256),
-                        (16, 8, 8), (7, 32)),
+                        (16, 8, 8), (7, 32), tanh_gates=True),
     "wan": TinySpec("WAN21_T2V", dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=64,
                                       ffn_dim=128, freq_dim=32, text_dim=32, out_dim=16, num_heads=4, num_layers=2),
                     (16, 2, 8, 8), (5, 32)),
@@ -76,6 +76,10 @@ def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     with torch.no_grad():
         for _, tensor in sorted(model.diffusion_model.state_dict(keep_vars=True).items()):
             tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
+        if spec.tanh_gates:
+            for name, tensor in model.diffusion_model.state_dict(keep_vars=True).items():
+                if "adaLN_modulation" in name:
+                    tensor.mul_(0.1)
     return model.to(dtype)
 
 
@@ -123,7 +127,8 @@ def predict(patcher, x: torch.Tensor, sigma: float, positive: list, negative: li
         model_options_hook(guider)
     sampler = comfy.samplers.KSAMPLER(one_call)
     sigmas = torch.tensor([sigma, 0.0])
-    guider.sample(x.clone(), torch.zeros_like(x), sampler, sigmas, seed=0)
+    with torch.no_grad():
+        guider.sample(x.clone(), torch.zeros_like(x), sampler, sigmas, seed=0)
     return seen["denoised"]
 
 
