@@ -53,7 +53,11 @@ def _imagereward_package(name: str = "ImageReward-v1.0", device: str | None = "a
 
     def fn(pils: list, prompts: list[str]) -> list[float]:
         with torch.inference_mode():  # Calibri: inference_rank(prompt, [img]) per image
-            return [float(model.inference_rank(p, [img])[1][0]) for img, p in zip(pils, prompts)]
+            out = []
+            for img, p in zip(pils, prompts):
+                rewards = model.inference_rank(p, [img])[1]  # squeeze() makes a one-image list a bare float
+                out.append(float(rewards[0] if isinstance(rewards, list) else rewards))
+            return out
 
     return _PackageReward("imagereward-package", fn, jpeg_quality)
 
@@ -154,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     reward = make_reward(args.reward, options)
     server = make_server(reward, args.reward, args.port)
-    print(f"Calibri reward server listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
+    # the first stdout line is the contract that launchers (and tests) read the port from
+    sys.stdout.write(f"Calibri reward server listening on http://127.0.0.1:{server.server_address[1]}\n")
+    sys.stdout.flush()
 
     def stop(signum: int, frame: Any) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()

@@ -7,11 +7,9 @@ import json
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -462,7 +460,8 @@ def _word_tokenizer(path: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<|startoftext|>", "<|endoftext|>", "[UNK]", "a", "cat", "red", "dog", "on", "long", "wooden", "table", "x"]
+    words = ["<|startoftext|>", "<|endoftext|>", "[UNK]", "a", "cat", "red", "dog", "on", "long", "wooden", "table",
+             "x"]
     tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A <|endoftext|>",

@@ -68,7 +68,8 @@ def build_reward(name: str, **options: Any) -> Reward:
     if name not in _REGISTRY:
         near = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-        raise ValueError(f"Calibri: unknown reward {name!r}.{hint} Registered rewards: {', '.join(registered_rewards())}"
+        names = ", ".join(registered_rewards())
+        raise ValueError(f"Calibri: unknown reward {name!r}.{hint} Registered rewards: {names}"
                          f"; or use 'python:module:callable' for your own.")
     return _REGISTRY[name](**options)
 

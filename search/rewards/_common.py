@@ -13,7 +13,8 @@ import torch
 def check_batch(images: Any, prompts: Sequence[str], name: str) -> torch.Tensor:
     """Check a ComfyUI IMAGE batch ([B,H,W,3] float in [0,1]) against its prompt list; return it as float32 CPU."""
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"Calibri: reward {name!r} expected images as a torch.Tensor [B,H,W,3], got {type(images).__name__}.")
+        raise TypeError(f"Calibri: reward {name!r} expected images as a torch.Tensor [B,H,W,3], "
+                        f"got {type(images).__name__}.")
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"Calibri: reward {name!r} expected images of shape [B,H,W,3] (ComfyUI IMAGE), "
                          f"got {tuple(images.shape)}.")

@@ -250,7 +250,8 @@ class HPSv3Net(nn.Module):
                                               position_ids=position_ids, use_cache=False).last_hidden_state
         mask = input_ids == reward_token_id
         if not bool((mask.sum(1) == 1).all()):
-            raise RuntimeError(f"Calibri: each HPSv3 sample needs exactly one {REWARD_TOKEN}, got {mask.sum(1).tolist()}.")
+            raise RuntimeError(f"Calibri: each HPSv3 sample needs exactly one {REWARD_TOKEN}, "
+                               f"got {mask.sum(1).tolist()}.")
         # Causal attention: the head at <|Reward|> only sees tokens before it, so gathering that row first and applying
         # the fp32 head to it equals the official head-on-every-position-then-gather.
         rows = hidden[mask].float()
@@ -294,8 +295,10 @@ class HPSv3Reward(Reward):
     """In-process HPSv3 reward (mu, raw). See docs/rewards.md for the files it needs.
 
     Args:
-        checkpoint: ``HPSv3.safetensors`` (or a ``.pth`` with a ``{"model": ...}`` wrapper); env CALIBRI_HPSV3_CHECKPOINT.
-        base: folder with Qwen2-VL-7B-Instruct config/tokenizer/preprocessor/chat-template files; env CALIBRI_QWEN2VL_DIR.
+        checkpoint: ``HPSv3.safetensors`` (or a ``.pth`` with a ``{"model": ...}`` wrapper);
+            env CALIBRI_HPSV3_CHECKPOINT.
+        base: folder with Qwen2-VL-7B-Instruct config/tokenizer/preprocessor/chat-template files;
+            env CALIBRI_QWEN2VL_DIR.
         device: "auto" (cuda if available), "cuda", "cpu", ...
         dtype: backbone dtype; the official scorer runs bf16 (the head is always fp32).
         attn_implementation: "sdpa" (default) or "flash_attention_2" (what the official code picks when installed).
