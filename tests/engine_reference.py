@@ -13,10 +13,10 @@ layout) and changes the model so that those gates are multiplied by their scales
 from __future__ import annotations
 
 import torch
+from tiny_models import build_model
 
 from calibri_core.families import detect
 from calibri_core.sites import Gate
-from tiny_models import build_model
 
 
 def _get(root, path: str):

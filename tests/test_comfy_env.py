@@ -197,6 +197,7 @@ def test_activate_puts_the_host_first():
     comfy_env.activate(host)
     assert sys.path[0] == str(host.path)
     import comfy.model_management  # noqa: F401  (must not ask for CUDA on a CPU-only machine)
+
     import nodes
 
     assert Path(nodes.__file__).resolve().parent == host.path.resolve()

@@ -9,21 +9,12 @@ velocity outputs must agree to 1e-5 in fp32.
 
 from __future__ import annotations
 
-import os
-import sys
-
+import diffusers_reference as ref
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-pytest.importorskip("diffusers")
-
-import diffusers_reference as ref  # noqa: E402
-
-ref.ensure_comfy()
-
-from calibri_core.calibration import Calibration, Member  # noqa: E402
-from calibri_core.host import apply_calibration, model_layout  # noqa: E402
+from calibri_core.calibration import Calibration, Member
+from calibri_core.host import apply_calibration, model_layout
 
 TOLERANCE = 1e-5
 CASES = [("flux", "block"), ("flux", "layer"), ("flux", "gate"), ("sd3", "gate"), ("qwen_image", "gate")]

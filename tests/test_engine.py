@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-
 import tiny_models as tm
+import torch
+from engine_reference import reference_patcher
+
 from calibri_core import Calibration, Member
 from calibri_core.host import PATCH_KEY, ActiveRange, apply_calibration, apply_row_scales, model_layout
-from engine_reference import reference_patcher
 
 SIGMA = 0.7
 ATOL = 1e-5

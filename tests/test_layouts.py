@@ -1,23 +1,19 @@
 """The reference's flat vector <-> Calibration, checked against the documented order written out here."""
 
 import json
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from calibri_core.calibration import Calibration, Member  # noqa: E402
-from calibri_core.families import get_family  # noqa: E402
-from calibri_core.layouts import (  # noqa: E402
+from calibri_core.calibration import Calibration, Member
+from calibri_core.families import get_family
+from calibri_core.layouts import (
     PIPELINES,
     from_reference_vector,
     import_reference_checkpoint,
     reference_vector_length,
     to_reference_vector,
 )
-from calibri_core.preset import load_preset, main  # noqa: E402
+from calibri_core.preset import load_preset, main
 
 OMEGA = "omega"
 

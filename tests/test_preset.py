@@ -11,11 +11,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from calibri_core.calibration import Calibration, Member  # noqa: E402
-from calibri_core.families import get_family  # noqa: E402
-from calibri_core.preset import Preset, load_preset, save_preset  # noqa: E402
+from calibri_core.calibration import Calibration, Member
+from calibri_core.families import get_family
+from calibri_core.preset import Preset, load_preset, save_preset
 
 COUNTS = {"double_blocks": 2, "single_blocks": 3}
 TRICKY = [0.1, 1 / 3, -0.0, 5e-324, 1e300, -1.0, 2.0000000000000004, 0.7, -0.25, 1.0]

@@ -3,7 +3,7 @@ ComfyUI's real sampler path. Shapes follow ../shared/reference/comfyui.md §A (v
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
