@@ -13,7 +13,6 @@ from typing import Any
 from ..sites import SiteLayout
 from .table import Family, stream_gates
 
-
 __all__ = ["Family", "FAMILIES", "detect", "get_family", "stream_gates", "supported_families"]
 
 

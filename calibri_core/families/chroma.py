@@ -4,8 +4,8 @@ Gates are slices of one shared approximator output (``distilled_guidance_layer``
 blocks that have no modulation of their own; as for Flux.2, each block's branch output is scaled.
 """
 
-from .table import Family
 from .flux2 import branch_gates, read_counts
+from .table import Family
 
 FAMILY = Family(
     name="chroma",

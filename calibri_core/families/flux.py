@@ -6,8 +6,8 @@ reference's scaling of diffusers' ``norm1`` / ``norm1_context`` gate outputs. A 
 gate over its fused attention+MLP output, so it is one site at every granularity.
 """
 
-from .table import Family, stream_gates
 from ..sites import Gate
+from .table import Family, stream_gates
 
 DOUBLE_BRANCHES = {"attn": ("{stream}_mod.lin", 2, 6), "mlp": ("{stream}_mod.lin", 5, 6)}
 STREAMS = {"img": "img", "txt": "txt"}

@@ -5,8 +5,8 @@ produced. The engine multiplies each block's branch output instead: ``img + gate
 gate scaled by s where it meets its branch. Chroma has the same blocks and reuses these gates.
 """
 
-from .table import Family, stream_gates
 from ..sites import Gate
+from .table import Family, stream_gates
 
 DOUBLE_BRANCHES = {"attn": ("{stream}_attn.proj", 0, 1), "mlp": ("{stream}_mlp", 0, 1)}
 STREAMS = {"img": "img", "txt": "txt"}

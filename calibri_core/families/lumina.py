@@ -7,8 +7,8 @@ Sites: the main ``layers`` and the gated ``noise_refiner`` blocks. The ``context
 ungated (``modulation=False``) and are never touched.
 """
 
-from .table import Family
 from ..sites import Gate
+from .table import Family
 
 BRANCHES = {"attn": "attention_norm2", "mlp": "ffn_norm2"}
 

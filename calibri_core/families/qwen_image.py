@@ -5,8 +5,8 @@ Each block has ``img_mod`` and ``txt_mod`` (SiLU, Linear D→6D); the Linear out
 Scaling them equals the reference's scaling of ``attn`` and ``img_mlp``/``txt_mlp`` outputs.
 """
 
-from .table import Family, stream_gates
 from ..sites import Gate
+from .table import Family, stream_gates
 
 BRANCHES = {"attn": ("{stream}_mod.1", 2, 6), "mlp": ("{stream}_mod.1", 5, 6)}
 STREAMS = {"img": "img", "txt": "txt"}

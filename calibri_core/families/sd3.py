@@ -7,8 +7,8 @@ only shift and scale and has no gate, so it has no sites. Site order is the mode
 the reference's flat-vector order is a separate layout (see ``calibri_core.layouts``).
 """
 
-from .table import Family
 from ..sites import Gate
+from .table import Family
 
 MODULATION = "adaLN_modulation.1"
 

@@ -7,8 +7,8 @@ per-token modulation included. Cross-attention is added ungated (``x + cross_att
 left untouched.
 """
 
-from .table import Family
 from ..sites import Gate
+from .table import Family
 
 BRANCHES = {"attn": "self_attn", "mlp": "ffn"}
 
