@@ -144,7 +144,7 @@ class ActiveRange:
     def test(self, model: Any) -> Callable[[dict], bool]:
         """A predicate on transformer_options: is the current sigma inside the range?
 
-        Uses the same window as ComfyUI's SkipLayerGuidanceDiT (σ_end < σ ≤ σ_start), so an SLG
+        Uses the same window as ComfyUI's SkipLayerGuidanceDiT (σ_end ≤ σ ≤ σ_start), so an SLG
         setting re-expressed as a calibration acts on exactly the same steps.
         """
         if self.start_percent == 0.0 and self.end_percent == 1.0:
@@ -158,7 +158,7 @@ class ActiveRange:
             if sigmas is None:
                 return True
             sigma = float(sigmas.reshape(-1)[0])
-            return sigma_end < sigma <= sigma_start
+            return sigma_end <= sigma <= sigma_start
 
         return inside
 
@@ -184,3 +184,46 @@ def apply_calibration(model: Any, calibration: Calibration, *, strength: float =
     inside = active_range.test(model)
     return apply_row_scales(model, lambda options, batch: row if inside(options) else None,
                             output_weight=lambda options, batch: weight if inside(options) else None)
+
+
+# --- ensembles: one batch row per member ------------------------------------------------------------------------
+
+MEMBER_ROWS = "calibri_member_rows"
+"""transformer_options key: a [conds, gates] table; row j scales the forward of conds-list entry j."""
+
+
+def _member_rows(options: dict, batch: int) -> Optional[torch.Tensor]:
+    table = options.get(MEMBER_ROWS)
+    if table is None:
+        return None
+    # calc_cond_batch tags every chunk of the batch with the index of its cond in the list it was given
+    # (cond_or_uncond); chunks may come in any order and several calls (comfyui.md C).
+    indices = options["cond_or_uncond"]
+    return table[list(indices)].repeat_interleave(batch // len(indices), dim=0)
+
+
+def enable_member_rows(model: Any) -> Any:
+    """A clone of ``model`` whose forwards take per-cond gate rows from ``MEMBER_ROWS``."""
+    return apply_row_scales(model, _member_rows)
+
+
+def _with_member_rows(model_options: dict, rows: torch.Tensor) -> dict:
+    options = dict(model_options)
+    options["transformer_options"] = dict(options.get("transformer_options", {}), **{MEMBER_ROWS: rows})
+    return options
+
+
+def denoise_terms(model: Any, conds: list, rows: torch.Tensor, x: torch.Tensor, timestep: torch.Tensor,
+                  model_options: dict, low_vram: bool = False) -> list[torch.Tensor]:
+    """x0 of every (cond, gate row) pair, through ComfyUI's own cond batching.
+
+    By default all pairs go to one ``calc_cond_batch`` call, which packs them into as few forwards as
+    memory allows (one batch row per pair); ``low_vram`` runs one pair at a time.
+    """
+    import comfy.samplers
+
+    if low_vram:
+        return [comfy.samplers.calc_cond_batch(model, [cond], x, timestep,
+                                               _with_member_rows(model_options, rows[i:i + 1]))[0]
+                for i, cond in enumerate(conds)]
+    return comfy.samplers.calc_cond_batch(model, conds, x, timestep, _with_member_rows(model_options, rows))

@@ -106,11 +106,12 @@ def latent(family: str, seed: int = 2, batch: int = 1) -> torch.Tensor:
 
 
 def predict(patcher, x: torch.Tensor, sigma: float, positive: list, negative: list | None = None, cfg: float = 1.0,
-            model_options_hook=None) -> torch.Tensor:
-    """One denoised prediction through ComfyUI's real sampling path (CFGGuider → sampler → model).
+            guider=None) -> torch.Tensor:
+    """One denoised prediction through ComfyUI's real sampling path (guider → sampler → model).
 
     A one-step custom KSAMPLER calls the guided denoiser once at ``sigma`` and records its output, so
-    object patches, wrappers and cond batching are exercised exactly as in a sampling run.
+    object patches, wrappers and cond batching are exercised exactly as in a sampling run. The model
+    sees σ·x (flow noise scaling on an all-zero latent). Pass ``guider`` to use another GUIDER.
     """
     import comfy.samplers
 
@@ -120,16 +121,31 @@ def predict(patcher, x: torch.Tensor, sigma: float, positive: list, negative: li
         seen["denoised"] = model(noise, sigmas[0] * noise.new_ones([noise.shape[0]]), **(extra_args or {}))
         return seen["denoised"]
 
-    guider = comfy.samplers.CFGGuider(patcher)
+    if guider is None:
+        guider = comfy.samplers.CFGGuider(patcher)
+        guider.set_cfg(cfg)
     guider.set_conds(positive, negative if negative is not None else positive)
-    guider.set_cfg(cfg)
-    if model_options_hook is not None:
-        model_options_hook(guider)
     sampler = comfy.samplers.KSAMPLER(one_call)
     sigmas = torch.tensor([sigma, 0.0])
     with torch.no_grad():
         guider.sample(x.clone(), torch.zeros_like(x), sampler, sigmas, seed=0)
     return seen["denoised"]
+
+
+def sample_with_guider(guider, family: str, seed: int = 0, steps: int = 4, sampler_name: str = "euler",
+                       scheduler: str = "simple") -> torch.Tensor:
+    """A full run through SamplerCustomAdvanced's path: guider.sample with ComfyUI's sigmas and sampler."""
+    import comfy.sample
+    import comfy.samplers
+
+    empty = torch.zeros((1,) + SPECS[family].latent)
+    noise = comfy.sample.prepare_noise(empty, seed)
+    guider.set_conds(conditioning(family, seed=11), conditioning(family, seed=12))
+    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), scheduler,
+                                             steps)
+    sampler = comfy.samplers.sampler_object(sampler_name)
+    with torch.no_grad():
+        return guider.sample(noise, empty, sampler, sigmas, seed=seed, disable_pbar=True)
 
 
 def sample(patcher, family: str, seed: int = 0, steps: int = 3, cfg: float = 1.0, batch: int = 1,

@@ -1,0 +1,72 @@
+"""Ensemble arithmetic (paper §3.3): which forward passes an ensemble needs and how they combine.
+
+F(x, t) = Σ_i ω_i · f_{s_i}(x, t, p_i) in the model's output space (velocity). ComfyUI's model calls
+return x0 = x − σ·v, where the same ensemble is x0_F = x + Σ_i ω_i (x0_i − x) for any Σω
+(comfyui.md C); a naive Σ ω_i x0_i would be off by (Σω − 1)·x.
+Pure torch; no ComfyUI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .calibration import Calibration
+from .sites import SiteLayout
+
+
+@dataclass(frozen=True)
+class Term:
+    """One forward pass of an ensemble step: a prompt, the gate scales of its row, and its weight."""
+
+    prompt: str
+    row: tuple[float, ...]
+    weight: float
+
+
+def plan_terms(calibration: Calibration, layout: SiteLayout, active: bool, prompts=None) -> list[Term]:
+    """The distinct passes one step needs.
+
+    Inside the active range every member runs with its own scales; outside it every member runs
+    uncalibrated with its weight kept. Members that are then identical (same prompt, same scales)
+    are computed once with their weights summed, and a pass whose weight is exactly 0 is skipped
+    (as the reference does for ω = 0).
+
+    Args:
+        prompts: only members whose prompt is in this collection (default: all).
+    """
+    gates = len(layout.gates)
+    rows = calibration.gate_scales(layout) if active else [[1.0] * gates for _ in calibration.members]
+    merged: dict[tuple[str, tuple[float, ...]], float] = {}
+    for member, row in zip(calibration.members, rows):
+        if prompts is not None and member.prompt not in prompts:
+            continue
+        key = (member.prompt, tuple(row))
+        merged[key] = merged.get(key, 0.0) + member.weight
+    return [Term(prompt, row, weight) for (prompt, row), weight in merged.items() if weight != 0.0]
+
+
+def combine_x0(x: torch.Tensor, x0s: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """x0 of Σ ω_i f_i given each pass's x0 (exact for flow models, whatever Σω is)."""
+    out = x.clone()
+    for weight, x0 in zip(weights, x0s):
+        out = out + weight * (x0 - x)
+    return out
+
+
+def token_norm(v: torch.Tensor, patch: int) -> torch.Tensor:
+    """Norm over the channels of each patch token ([B, C, (T,) H, W] latents; patch×patch pixels per token).
+
+    Qwen-Image's pipeline takes the norm over the last dimension of its packed tokens, which holds the
+    C channels of a patch×patch square; this is the same norm on ComfyUI's unpacked latent.
+    """
+    *lead, height, width = v.shape
+    tokens = v.reshape(*lead, height // patch, patch, width // patch, patch)
+    norms = tokens.pow(2).sum(dim=(1, -3, -1), keepdim=True).sqrt()
+    return norms.expand_as(tokens).reshape(v.shape)
+
+
+def rescale_to(reference_v: torch.Tensor, v: torch.Tensor, patch: int) -> torch.Tensor:
+    """Rescale v so every token has the norm of the reference velocity's token (Qwen-Image true-CFG)."""
+    return v * (token_norm(reference_v, patch) / token_norm(v, patch))
