@@ -1,0 +1,100 @@
+"""Load and save Calibri presets (``.safetensors``, see docs/preset-format.md)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+
+import folder_paths
+
+from ..calibri_core.preset import Preset, load_preset, save_preset, tool_version
+from .common import CATEGORY, FOLDER, Calibri, io
+
+_SUFFIX = ".safetensors"
+_BAD_CHARS = re.compile(r'[<>:"|?*\x00-\x1f]')
+
+
+class CalibriLoadPreset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CalibriLoadPreset",
+            display_name="Calibri Load Preset",
+            category=CATEGORY,
+            description="Load a Calibri calibration (arXiv 2603.24800) from ComfyUI/models/calibri/ or the "
+                        "pack's presets/ folder. Connect it to CalibriApply (one member) or the ensemble nodes.",
+            inputs=[io.Combo.Input("preset", options=folder_paths.get_filename_list(FOLDER),
+                                   tooltip="A .safetensors preset in models/calibri/ (or a folder named "
+                                           "'calibri' in extra_model_paths.yaml) or the pack's presets/.")],
+            outputs=[Calibri.Output(display_name="calibration")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, preset: str):
+        path = folder_paths.get_full_path(FOLDER, preset)
+        return (path, os.path.getmtime(path)) if path else preset  # an edited file is read again
+
+    @classmethod
+    def execute(cls, preset: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path(FOLDER, preset)
+        if path is None:
+            raise ValueError(f"Calibri: preset {preset!r} was not found in any calibri folder "
+                             f"({', '.join(folder_paths.get_folder_paths(FOLDER))}). Put the .safetensors file "
+                             f"there and refresh, or save one with CalibriSavePreset.")
+        return io.NodeOutput(load_preset(path))
+
+
+def preset_filename(filename: str) -> str:
+    """``filename`` as a bare ``<name>.safetensors``; raises ValueError for paths and odd characters."""
+    name = filename.strip() if isinstance(filename, str) else ""
+    if name.endswith(_SUFFIX):
+        name = name[:-len(_SUFFIX)]
+    if not name or name.startswith(".") or "/" in name or "\\" in name or ".." in name or _BAD_CHARS.search(name):
+        raise ValueError(f"Calibri: {filename!r} is not a valid preset name. Give a plain file name such as "
+                         f"'flux-dev-hpsv3' (no folders, '..', leading '.', or any of <>:\"|?*); the file is "
+                         f"written to models/calibri/<name>{_SUFFIX}.")
+    return name + _SUFFIX
+
+
+class CalibriSavePreset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CalibriSavePreset",
+            display_name="Calibri Save Preset",
+            category=CATEGORY,
+            description="Save a calibration as models/calibri/<filename>.safetensors (the first calibri folder), "
+                        "so CalibriLoadPreset lists it. Keeps the calibration's provenance and adds the tool "
+                        "version and date. Never overwrites unless asked.",
+            inputs=[
+                Calibri.Input("calibration", tooltip="The calibration to save (from Manual, Combine or Load)."),
+                io.String.Input("filename", default="calibri-preset",
+                                tooltip="File name without folders; .safetensors is added."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing preset of that name. Off: an existing file is an "
+                                         "error."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, filename: str = "calibri-preset") -> bool | str:
+        try:
+            preset_filename(filename)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, calibration: Preset, filename: str, overwrite: bool = False) -> io.NodeOutput:
+        folder = folder_paths.get_folder_paths(FOLDER)[0]
+        os.makedirs(folder, exist_ok=True)
+        saved = {"tool": "Calibri for ComfyUI (CalibriSavePreset)", "tool_version": tool_version(),
+                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        provenance = dict(calibration.provenance, saved=saved)
+        provenance.setdefault("tool_version", saved["tool_version"])
+        path = save_preset(os.path.join(folder, preset_filename(filename)),
+                           Preset(calibration.calibration, calibration.counts, provenance), overwrite=overwrite)
+        return io.NodeOutput(ui={"text": [f"Calibri: saved {path}"]})
