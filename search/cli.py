@@ -1,0 +1,88 @@
+"""``python -m search`` / ``calibri-search``: run, check or resume a Calibri search from a TOML run config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from .config import ConfigError, load_config, parse_override, schema_help
+
+# Shortcut flags: (flag, config key, type, help).
+_SHORTCUTS = (
+    ("--generations", "search.generations", int, "number of CMA-ES generations"),
+    ("--budget-hours", "search.budget_hours", float, "stop after this many hours (0 = no limit)"),
+    ("--seed", "search.seed", int, "base seed"),
+    ("--popsize", "search.popsize", int, "candidates per generation (0 = 4 + 3 ln n)"),
+    ("--sigma0", "search.sigma0", float, "initial CMA-ES step size"),
+    ("--granularity", "search.granularity", str, "block | layer | gate"),
+    ("--bucket-size", "search.bucket_size", int, "training prompts per generation"),
+    ("--val-every", "search.val_every", int, "validate every K generations"),
+    ("--evaluator", "search.evaluator", str, "'comfy' or 'python:module:factory'"),
+    ("--run-dir", "output.run_dir", str, "run dir (state, logs, plots, presets)"),
+    ("--preset", "output.preset", str, "extra copy of the best preset (.safetensors)"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calibri-search",
+        description="Search Calibri gate scales (and ensemble weights ω) for a DiT model with CMA-ES, scoring images "
+                    "with reward models, as in the reference protocol (arXiv 2603.24800). The run config is a TOML "
+                    "file; options below override it. Launch with torchrun --nproc_per_node=K to shard candidates "
+                    "over K processes.",
+        epilog=schema_help() + "\n\nSee search/example_config.toml.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="the run config (TOML). With --resume it is optional and must match the "
+                                         "run's stored config.json.")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last generation; "
+                                                           "the final presets equal those of an uninterrupted run")
+    for flag, key, kind, text in _SHORTCUTS:
+        parser.add_argument(flag, type=kind, dest=key, metavar=kind.__name__.upper(), help=f"{text} (= {key})")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any config key; VALUE is read as TOML (e.g. --set sampling.steps=20 "
+                             "--set 'search.scale_bounds=[0, 2]'); repeatable")
+    parser.add_argument("--check", action="store_true", help="validate the config (files, rewards, prompts, run dir) "
+                                                             "and exit without loading a model")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging level (default INFO)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(message)s")
+    if not args.config and not args.resume:
+        parser.error("give --config FILE (a new run) or --resume RUN_DIR.")
+    try:
+        overrides = {}
+        for _, key, _, _ in _SHORTCUTS:
+            value = getattr(args, key)
+            if value is not None:
+                overrides[key] = value
+        for text in args.set:
+            key, value = parse_override(text)
+            overrides[key] = value
+        if args.resume and "output.run_dir" in overrides:
+            parser.error("--resume RUN_DIR already names the run dir; drop --run-dir / output.run_dir.")
+        config = load_config(args.config, overrides, resume=args.resume)
+    except ConfigError as e:
+        parser.error(str(e))
+    if args.check:
+        sys.stdout.write(f"config OK: {config.model['family']} {config.search['granularity']}, "
+                         f"{len(config.members)} member(s), {len(config.train_prompts)} train / "
+                         f"{len(config.val_prompts)} validation prompts, run dir {config.run_dir}\n")
+        return 0
+    from .loop import run_search
+
+    try:
+        result = run_search(config, resume=bool(args.resume), progress=not args.no_progress)
+    except ConfigError as e:
+        parser.error(str(e))
+    if result is not None:
+        sys.stdout.write(f"best preset: {result.best_preset} (validation {result.best_val}, baseline "
+                         f"{result.baseline_val})\nlast mean:   {result.mean_preset}\n")
+    return 0

@@ -1,0 +1,505 @@
+"""Run configuration of the search: a TOML file, command-line overrides, and validation before any model loads.
+
+Every key, its default and its meaning is in :data:`SCHEMA`; ``calibri-search --help`` prints that table. The
+defaults reproduce the reference protocol (``reference/calibri-reference.md``, "Search protocol"): CMA-ES with
+sigma0 0.25, population 4 + 3 ln n, x0 = identity injected in generation 1, scales in [-1, 2], ω in [-10, 10],
+buckets of 16 training prompts with seed = base seed + generation, 512×512 images, 15 steps, validation every 10
+generations on held-out prompts with seed 1234. Family-dependent defaults: FLUX guidance 3.5; SD3.5 cfg 7 and
+Qwen-Image cfg 4, both with the reference's "cfg case" ensemble (member 1 positive, member 2 negative,
+ω = (cfg, 1 − cfg)).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import math
+import os
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from calibri_core.calibration import PROMPTS
+from calibri_core.families import FAMILIES, get_family
+from calibri_core.sites import GRANULARITIES
+
+# Families whose reference pipeline is the "cfg case" (N = 2: positive, negative), and their default cfg.
+CFG_DEFAULTS = {"sd3": 7.0, "qwen_image": 4.0}
+FLUX_GUIDANCE = 3.5
+# Keys that may differ on --resume: how long to run and where, not what is searched.
+RESUMABLE_CHANGES = ("search.generations", "search.budget_hours", "output.run_dir")
+EVALUATOR_DEFAULT = "comfy"
+
+_MISSING = object()
+
+# (section, key) -> (default, type(s), help). A default of None means "none / derived", see the help.
+SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...], str]]] = {
+    "model": {
+        "family": (_MISSING, (str,), "calibri_core family id (flux, sd3, qwen_image, ...); required"),
+        "name": ("", (str,), "label written to the preset's provenance (default: the model file's name)"),
+        "checkpoint": ("", (str,), "all-in-one checkpoint file (instead of diffusion_model/text_encoders/vae)"),
+        "diffusion_model": ("", (str,), "diffusion model file (UNet/DiT weights)"),
+        "text_encoders": ([], (list,), "text encoder files, in the order the model's CLIP loader takes them"),
+        "vae": ("", (str,), "VAE file"),
+        "options": ({}, (dict,), "free-form table passed through to the evaluator (dtype, clip type, ...)"),
+    },
+    "search": {
+        "granularity": ("block", (str,), "block | layer | gate (paper §3.2)"),
+        "seed": (0, (int,), "base seed: CMA-ES RNG, bucket permutation; generation g samples with seed + g"),
+        "popsize": (0, (int,), "candidates per generation; 0 = pycma's default 4 + 3 ln n"),
+        "sigma0": (0.25, (float, int), "initial CMA-ES step size"),
+        "scale_bounds": ([-1.0, 2.0], (list,), "[low, high] for every scale"),
+        "weight_bounds": ([-10.0, 10.0], (list,), "[low, high] for every output weight ω"),
+        "bucket_size": (16, (int,), "training prompts per generation (one bucket of a seeded permutation)"),
+        "generations": (200, (int,), "number of CMA-ES generations (the reference's FLUX block run: ~200)"),
+        "budget_hours": (0.0, (float, int), "stop after this many hours of wall time (0 = no limit)"),
+        "val_every": (10, (int,), "validate every K generations (and after the last one)"),
+        "val_seed": (1234, (int,), "fixed sampling seed of validation"),
+        "evaluator": (EVALUATOR_DEFAULT, (str,), "'comfy' (search.evaluator.Evaluator) or 'python:module:factory', "
+                      "a callable factory(config) returning an object with layout, evaluate(), images()"),
+    },
+    "sampling": {
+        "sampler": ("euler", (str,), "ComfyUI sampler name"),
+        "scheduler": ("simple", (str,), "ComfyUI scheduler name"),
+        "steps": (15, (int,), "sampling steps"),
+        "cfg": (None, (float, int), "CFG scale; default 7 for sd3, 4 for qwen_image, else 1"),
+        "guidance": (None, (float, int), "distilled guidance (FLUX); default 3.5 for flux, else none"),
+        "width": (512, (int,), "image width"),
+        "height": (512, (int,), "image height"),
+        "micro_batch": (4, (int,), "images per sampler call"),
+        "negative_prompt": ("", (str,), "text seen by members whose prompt is 'negative'"),
+    },
+    "prompts": {
+        "train": (_MISSING, (str,), "training prompt file, one prompt per line (blank and '#' lines skipped)"),
+        "validation": (_MISSING, (str,), "held-out validation prompt file, same format"),
+    },
+    "output": {
+        "run_dir": (_MISSING, (str,), "folder for state, logs, plots, grids and presets"),
+        "preset": ("", (str,), "extra copy of the best-by-validation preset (.safetensors); default: only in run_dir"),
+        "overwrite": (False, (bool,), "allow output.preset to replace an existing file"),
+        "grid_prompts": (8, (int,), "validation prompts shown in the baseline-vs-best image grid (0 = none)"),
+        "plots": (True, (bool,), "write PNG plots at each validation and at the end"),
+    },
+}
+LIST_SECTIONS = {
+    "members": "[[members]] prompt = 'positive'|'negative', weight = ω (optional). Default: one positive member "
+               "(ω 1); two (positive, negative) with ω = (cfg, 1 - cfg) for sd3 and qwen_image",
+    "rewards": "[[rewards]] name = registry name or 'python:module:callable', weight = 1.0, other keys = options. "
+               "Default: hpsv3 (the reference)",
+}
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot start; the message says what to change."""
+
+
+def _near(name: str, options) -> str:
+    near = difflib.get_close_matches(name, list(options), n=3)
+    return f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+
+
+def read_prompts(path: str) -> list[str]:
+    """Non-blank lines of a prompt file, without lines starting with '#'."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _sha(values: list[str]) -> str:
+    return hashlib.sha256("\n".join(values).encode("utf-8")).hexdigest()
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` with ``value`` read as a TOML value (a bare word is a string)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"Calibri: --set expects section.key=value (e.g. search.popsize=12); got {text!r}.")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+@dataclass
+class RunConfig:
+    """A validated run configuration. Sections are plain dicts with every default filled in.
+
+    ``train_prompts`` / ``val_prompts`` hold the prompt files' contents; paths are absolute.
+    """
+
+    model: dict
+    search: dict
+    sampling: dict
+    prompts: dict
+    output: dict
+    members: list[dict]
+    rewards: list[dict]
+    train_prompts: list[str] = field(default_factory=list)
+    val_prompts: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        """The configuration as stored in ``RUN_DIR/config.json`` (prompt file contents as hashes)."""
+        return {
+            "model": copy.deepcopy(self.model), "search": copy.deepcopy(self.search),
+            "sampling": copy.deepcopy(self.sampling), "prompts": copy.deepcopy(self.prompts),
+            "output": copy.deepcopy(self.output), "members": copy.deepcopy(self.members),
+            "rewards": copy.deepcopy(self.rewards),
+            "prompt_hashes": {"train": _sha(self.train_prompts), "validation": _sha(self.val_prompts)},
+        }
+
+    @property
+    def run_dir(self) -> str:
+        return self.output["run_dir"]
+
+
+def _check_type(where: str, value: Any, types: tuple[type, ...]) -> None:
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        names = " or ".join(t.__name__ for t in types)
+        raise ConfigError(f"Calibri: config key {where} must be a {names}; got {value!r}.")
+
+
+def _fill(raw: dict) -> dict:
+    """Check section and key names and types; fill defaults. Relative paths are left for :func:`_resolve`."""
+    unknown = [k for k in raw if k not in SCHEMA and k not in LIST_SECTIONS]
+    if unknown:
+        k = unknown[0]
+        raise ConfigError(f"Calibri: unknown config section [{k}].{_near(k, [*SCHEMA, *LIST_SECTIONS])} Sections: "
+                          f"{', '.join([*SCHEMA, *LIST_SECTIONS])}.")
+    out: dict = {}
+    for section, keys in SCHEMA.items():
+        given = raw.get(section, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"Calibri: [{section}] must be a table; got {given!r}.")
+        for k in given:
+            if k not in keys:
+                raise ConfigError(f"Calibri: unknown config key {section}.{k}.{_near(k, keys)} Keys of [{section}]: "
+                                  f"{', '.join(keys)}.")
+        out[section] = {}
+        for k, (default, types, _) in keys.items():
+            if k in given:
+                _check_type(f"{section}.{k}", given[k], types)
+                out[section][k] = copy.deepcopy(given[k])
+            elif default is _MISSING:
+                raise ConfigError(f"Calibri: config key {section}.{k} is required ({keys[k][2]}).")
+            else:
+                out[section][k] = copy.deepcopy(default)
+    for section in LIST_SECTIONS:
+        value = raw.get(section)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, dict) for v in value)):
+            raise ConfigError(f"Calibri: {section} must be a list of tables ({LIST_SECTIONS[section]}); got {value!r}.")
+        out[section] = copy.deepcopy(value) if value is not None else None
+    return out
+
+
+def _resolve_path(path: str, base: str) -> str:
+    return path if not path or os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def _check_bounds(where: str, value: list) -> None:
+    if (len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or not value[0] < value[1]):
+        raise ConfigError(f"Calibri: {where} must be [low, high] with low < high; got {value!r}.")
+
+
+def _check_writable(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".calibri-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(f"Calibri: run dir {folder!r} is not writable ({e.strerror or e}). Choose another "
+                          f"output.run_dir (--run-dir) or fix its permissions.") from None
+
+
+def validate(data: dict, base_dir: str, check_files: bool = True) -> RunConfig:
+    """Turn a raw config table into a :class:`RunConfig`, or raise :class:`ConfigError`. Loads no model.
+
+    Args:
+        data: the parsed TOML (with overrides applied).
+        base_dir: relative paths are taken relative to this folder (the config file's).
+        check_files: check that model and prompt files exist and that the run dir is writable.
+    """
+    cfg = _fill(data)
+    m, s, smp, p, o = cfg["model"], cfg["search"], cfg["sampling"], cfg["prompts"], cfg["output"]
+
+    # Family and granularity: the family table decides (every family here has all three granularities).
+    if m["family"] not in FAMILIES:
+        raise ConfigError(f"Calibri: unknown model family {m['family']!r}.{_near(m['family'], FAMILIES)} "
+                          f"Supported: {', '.join(FAMILIES)}.")
+    family = get_family(m["family"])
+    supported = tuple(getattr(family, "granularities", GRANULARITIES))
+    if s["granularity"] not in supported:
+        raise ConfigError(f"Calibri: granularity {s['granularity']!r} is not supported by the {family.name} family "
+                          f"({family.title}); it supports {', '.join(supported)}.")
+
+    # Numbers.
+    for key, low in (("bucket_size", 1), ("generations", 0), ("val_every", 1), ("popsize", 0)):
+        if s[key] < low:
+            raise ConfigError(f"Calibri: search.{key} must be at least {low}; got {s[key]}.")
+    if s["popsize"] == 1:
+        raise ConfigError("Calibri: search.popsize must be at least 2 (CMA-ES needs to rank candidates), or 0 for "
+                          "the default 4 + 3 ln n.")
+    if not (math.isfinite(s["sigma0"]) and s["sigma0"] > 0):
+        raise ConfigError(f"Calibri: search.sigma0 must be a positive number; got {s['sigma0']}.")
+    if not (s["budget_hours"] >= 0 and math.isfinite(s["budget_hours"])):
+        raise ConfigError(f"Calibri: search.budget_hours must be >= 0 (0 = no limit); got {s['budget_hours']}.")
+    _check_bounds("search.scale_bounds", s["scale_bounds"])
+    _check_bounds("search.weight_bounds", s["weight_bounds"])
+    s["scale_bounds"] = [float(v) for v in s["scale_bounds"]]
+    s["weight_bounds"] = [float(v) for v in s["weight_bounds"]]
+    s["sigma0"] = float(s["sigma0"])
+    s["budget_hours"] = float(s["budget_hours"])
+    for key in ("steps", "width", "height", "micro_batch"):
+        if smp[key] < 1:
+            raise ConfigError(f"Calibri: sampling.{key} must be at least 1; got {smp[key]}.")
+    if smp["cfg"] is None:
+        smp["cfg"] = CFG_DEFAULTS.get(family.name, 1.0)
+    if smp["guidance"] is None and family.name == "flux":
+        smp["guidance"] = FLUX_GUIDANCE
+    smp["cfg"] = float(smp["cfg"])
+    if smp["guidance"] is not None:
+        smp["guidance"] = float(smp["guidance"])
+    if o["grid_prompts"] < 0:
+        raise ConfigError(f"Calibri: output.grid_prompts must be >= 0; got {o['grid_prompts']}.")
+
+    # Members: prompt per member, ω defaulting to the reference's start point.
+    members = cfg["members"]
+    if members is None:
+        members = ([{"prompt": "positive"}, {"prompt": "negative"}] if family.name in CFG_DEFAULTS
+                   else [{"prompt": "positive"}])
+    if not members:
+        raise ConfigError("Calibri: members is empty; give at least one [[members]] table (prompt = 'positive').")
+    for i, mem in enumerate(members):
+        extra = set(mem) - {"prompt", "weight"}
+        if extra:
+            raise ConfigError(f"Calibri: members[{i}] has unknown keys {sorted(extra)}; a member has prompt and "
+                              f"weight.")
+        if mem.get("prompt") not in PROMPTS:
+            raise ConfigError(f"Calibri: members[{i}].prompt must be one of {PROMPTS}; got {mem.get('prompt')!r}.")
+        if "weight" in mem:
+            _check_type(f"members[{i}].weight", mem["weight"], (float, int))
+    prompts = [mem["prompt"] for mem in members]
+    weights = [mem.get("weight") for mem in members]
+    if any(w is None for w in weights):
+        if any(w is not None for w in weights):
+            raise ConfigError("Calibri: give the weight (ω) of every member or of none.")
+        if prompts == ["positive"]:
+            weights = [1.0]
+        elif prompts == ["positive", "negative"]:
+            weights = [smp["cfg"], 1.0 - smp["cfg"]]  # the reference's cfg case: start point = ordinary CFG
+        else:
+            raise ConfigError(f"Calibri: members with prompts {prompts} have no default ω (defaults exist for "
+                              f"['positive'] and ['positive', 'negative']); give each member a weight.")
+    low, high = s["weight_bounds"]
+    for i, w in enumerate(weights):
+        if not low <= w <= high:
+            raise ConfigError(f"Calibri: members[{i}] weight ω = {w} is outside search.weight_bounds {[low, high]}.")
+    if "negative" in prompts and family.name not in CFG_DEFAULTS and smp["negative_prompt"] == "":
+        pass  # an empty negative prompt is a legitimate unconditional member
+    members = [{"prompt": pr, "weight": float(w)} for pr, w in zip(prompts, weights)]
+
+    # Rewards, by the reward registry's names.
+    rewards = cfg["rewards"] if cfg["rewards"] is not None else [{"name": "hpsv3", "weight": 1.0}]
+    if not rewards:
+        raise ConfigError("Calibri: rewards is empty; give at least one [[rewards]] table (name = 'hpsv3').")
+    from .rewards import registered_rewards
+
+    names = registered_rewards()
+    for i, r in enumerate(rewards):
+        name = r.get("name")
+        if not isinstance(name, str):
+            raise ConfigError(f"Calibri: rewards[{i}] needs a name (one of {', '.join(names)}, or "
+                              f"'python:module:callable'); got {r!r}.")
+        if not name.startswith("python:") and name not in names:
+            raise ConfigError(f"Calibri: unknown reward {name!r} in rewards[{i}].{_near(name, names)} Registered "
+                              f"rewards: {', '.join(names)}; or 'python:module:callable' for your own.")
+        w = r.setdefault("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ConfigError(f"Calibri: rewards[{i}] ({name}) weight must be a finite number; got {w!r}.")
+        r["weight"] = float(w)
+
+    # Evaluator.
+    ev = s["evaluator"]
+    if ev != EVALUATOR_DEFAULT and not (ev.startswith("python:") and len(ev.split(":")) == 3 and all(ev.split(":"))):
+        raise ConfigError(f"Calibri: search.evaluator must be 'comfy' or 'python:module:factory'; got {ev!r}.")
+
+    # Paths.
+    for key in ("checkpoint", "diffusion_model", "vae"):
+        m[key] = _resolve_path(m[key], base_dir)
+    for i, te in enumerate(m["text_encoders"]):
+        if not isinstance(te, str) or not te:
+            raise ConfigError(f"Calibri: model.text_encoders[{i}] must be a file path; got {te!r}.")
+    m["text_encoders"] = [_resolve_path(te, base_dir) for te in m["text_encoders"]]
+    for key in ("train", "validation"):
+        p[key] = _resolve_path(p[key], base_dir)
+    o["run_dir"] = _resolve_path(o["run_dir"], base_dir)
+    o["preset"] = _resolve_path(o["preset"], base_dir)
+    if not m["name"]:
+        main_file = m["checkpoint"] or m["diffusion_model"]
+        m["name"] = os.path.basename(main_file) if main_file else m["family"]
+    if o["preset"] and not o["preset"].endswith(".safetensors"):
+        raise ConfigError(f"Calibri: output.preset must end in .safetensors; got {o['preset']!r}.")
+
+    config = RunConfig(m, s, smp, p, o, members, rewards, source=base_dir)
+    if check_files:
+        _check_files(config)
+    return config
+
+
+def _check_files(config: RunConfig) -> None:
+    m = config.model
+    if config.search["evaluator"] == EVALUATOR_DEFAULT and not (m["checkpoint"] or m["diffusion_model"]):
+        raise ConfigError("Calibri: the config names no model: set model.checkpoint, or model.diffusion_model with "
+                          "model.text_encoders and model.vae.")
+    files = [("model.checkpoint", m["checkpoint"]), ("model.diffusion_model", m["diffusion_model"]),
+             ("model.vae", m["vae"])] + [(f"model.text_encoders[{i}]", te) for i, te in enumerate(m["text_encoders"])]
+    for where, path in files:
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"Calibri: {where} file {path!r} does not exist. Check the path (relative paths are "
+                              f"taken from the config file's folder).")
+    for key, attr in (("train", "train_prompts"), ("validation", "val_prompts")):
+        path = config.prompts[key]
+        if not os.path.isfile(path):
+            raise ConfigError(f"Calibri: prompts.{key} file {path!r} does not exist.")
+        try:
+            values = read_prompts(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"Calibri: cannot read prompts.{key} file {path!r}: {e}.") from None
+        if not values:
+            raise ConfigError(f"Calibri: prompts.{key} file {path!r} has no prompts; write one prompt per line.")
+        setattr(config, attr, values)
+    _check_writable(config.run_dir)
+    preset = config.output["preset"]
+    if preset:
+        folder = os.path.dirname(preset)
+        if not os.path.isdir(folder):
+            raise ConfigError(f"Calibri: output.preset folder {folder!r} does not exist; create it first.")
+
+
+def _set_key(data: dict, key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    if section not in SCHEMA:
+        raise ConfigError(f"Calibri: unknown config section in override {key!r}.{_near(section, SCHEMA)}")
+    if name not in SCHEMA[section]:
+        raise ConfigError(f"Calibri: unknown config key {key!r}.{_near(name, SCHEMA[section])} Keys of [{section}]: "
+                          f"{', '.join(SCHEMA[section])}.")
+    data.setdefault(section, {})[name] = value
+
+
+def load_config(path: str | None, overrides: dict[str, Any] | None = None, resume: str | None = None,
+                raw: dict | None = None) -> RunConfig:
+    """Read, override and validate a run configuration; with ``resume``, check it against the stored one.
+
+    Args:
+        path: the TOML file; may be None with ``resume`` (the stored config is used) or with ``raw``.
+        overrides: ``{"section.key": value}`` applied on top of the file.
+        resume: a run dir to continue; its ``config.json`` must match (except :data:`RESUMABLE_CHANGES`).
+        raw: a config table instead of a file (tests, ``run_search``); relative paths from the cwd.
+    """
+    stored = None
+    if resume is not None:
+        stored_path = os.path.join(resume, "config.json")
+        if not os.path.isfile(stored_path):
+            raise ConfigError(f"Calibri: --resume {resume!r}: no config.json there, so it is not a Calibri run dir "
+                              f"(or the run never started). Start a new run with --config.")
+        with open(stored_path, encoding="utf-8") as f:
+            stored = json.load(f)
+    if raw is not None:
+        data, base = copy.deepcopy(raw), os.getcwd()
+    elif path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"Calibri: config file {path!r} does not exist.")
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"Calibri: config file {path!r} is not valid TOML: {e}.") from None
+        base = os.path.dirname(os.path.abspath(path))
+    elif stored is not None:
+        data = {k: v for k, v in stored.items() if k != "prompt_hashes"}
+        base = os.getcwd()
+    else:
+        raise ConfigError("Calibri: give a run config (--config FILE) or a run dir to resume (--resume RUN_DIR).")
+    for key, value in (overrides or {}).items():
+        _set_key(data, key, value)
+    if resume is not None:
+        data.setdefault("output", {})["run_dir"] = os.path.abspath(resume)
+    config = validate(data, base)
+    if stored is not None:
+        _compare_with_stored(config.to_dict(), stored, resume)
+    return config
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def _compare_with_stored(current: dict, stored: dict, run_dir: str) -> None:
+    a = {k: v for k, v in _flatten(json.loads(json.dumps(current))).items() if k not in RESUMABLE_CHANGES}
+    b = {k: v for k, v in _flatten(stored).items() if k not in RESUMABLE_CHANGES}
+    diffs = [k for k in sorted(set(a) | set(b)) if a.get(k, _MISSING) != b.get(k, _MISSING)]
+    if diffs:
+        lines = [f"Calibri: --resume {run_dir!r}: the given config differs from the one this run was started with "
+                 f"(stored in config.json), so continuing would not reproduce the run:"]
+        for k in diffs[:10]:
+            lines.append(f"  {k}: run has {b.get(k, '(absent)')!r}, given {a.get(k, '(absent)')!r}")
+        if len(diffs) > 10:
+            lines.append(f"  ... and {len(diffs) - 10} more")
+        lines.append(f"  Only {', '.join(RESUMABLE_CHANGES)} may change. Resume without --config to use the stored "
+                     f"config, or start a new run dir.")
+        raise ConfigError("\n".join(lines))
+
+
+def schema_help() -> str:
+    """The config reference printed by ``--help``."""
+    lines = ["run config keys (TOML; [section] key = default: meaning):"]
+    for section, keys in SCHEMA.items():
+        lines.append(f"  [{section}]")
+        for k, (default, _, text) in keys.items():
+            shown = "(required)" if default is _MISSING else json.dumps(default)
+            lines.append(f"    {k} = {shown}: {text}")
+    for section, text in LIST_SECTIONS.items():
+        lines.append(f"  {text}")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """JSON to ``path`` via a temp file in the same folder, fsync, rename (never a half-written file)."""
+    data = json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode("utf-8")
+    write_bytes_atomic(path, data)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass

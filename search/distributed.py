@@ -1,0 +1,123 @@
+"""Sharding the search over processes with torch.distributed (``torchrun --nproc_per_node=K``, multi-node too).
+
+Rank 0 owns the optimiser and every file. For each evaluation it broadcasts the candidates, the prompts and the
+seed; candidate i is scored by rank ``i % world`` (one candidate per evaluator call on every rank, exactly as a
+single process does, so the fitness values and hence the final preset do not depend on the number of processes);
+the fitness vector is put together with one ``all_reduce`` (each entry is non-zero on its owner only, and x + 0 = x
+exactly, NaN included). Backend: nccl when CUDA is available, else gloo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+logger = logging.getLogger("calibri")
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env() -> DistContext:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), or return a single-process context."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+        owns = True
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    return DistContext(dist.get_rank(), dist.get_world_size(), device, owns)
+
+
+def evaluate_each(evaluator: Any, candidates: Sequence, prompts: list[str], seed: int, indices: Sequence[int],
+                  on_done: Callable[[], None] | None = None) -> dict[int, float]:
+    """Score ``candidates[i]`` for i in ``indices``, one evaluator call each (same prompts and seed for all)."""
+    out: dict[int, float] = {}
+    for i in indices:
+        value = evaluator.evaluate([candidates[i]], list(prompts), int(seed))
+        out[i] = float(torch.as_tensor(value, dtype=torch.float64).reshape(-1)[0])
+        if on_done is not None:
+            on_done()
+    return out
+
+
+class ShardedEvaluator:
+    """Rank 0's view of all ranks: the evaluator protocol's ``evaluate``, with the work split over ranks."""
+
+    def __init__(self, evaluator: Any, ctx: DistContext):
+        self.evaluator, self.ctx = evaluator, ctx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.evaluator, name)
+
+    def evaluate_all(self, candidates: Sequence, prompts: list[str], seed: int,
+                     on_done: Callable[[], None] | None = None) -> torch.Tensor:
+        if self.ctx.world > 1:
+            _broadcast(("evaluate", list(candidates), list(prompts), int(seed)), self.ctx)
+        return _shard(self.evaluator, list(candidates), list(prompts), int(seed), self.ctx, on_done)
+
+    def stop(self) -> None:
+        if self.ctx.world > 1:
+            _broadcast(("stop",), self.ctx)
+
+
+def _broadcast(message: tuple | None, ctx: DistContext) -> tuple:
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0, device=torch.device(ctx.device) if ctx.device != "cpu" else None)
+    return box[0]
+
+
+def _shard(evaluator: Any, candidates: list, prompts: list[str], seed: int, ctx: DistContext,
+           on_done: Callable[[], None] | None) -> torch.Tensor:
+    mine = range(ctx.rank, len(candidates), ctx.world)
+    local = evaluate_each(evaluator, candidates, prompts, seed, mine, on_done)
+    values = torch.zeros(len(candidates), dtype=torch.float64)
+    for i, v in local.items():
+        values[i] = v
+    if ctx.world > 1:
+        import torch.distributed as dist
+
+        buf = values.to(ctx.device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        values = buf.cpu()
+    return values
+
+
+def serve(evaluator: Any, ctx: DistContext) -> None:
+    """The loop of ranks > 0: evaluate their share of what rank 0 broadcasts until it says stop."""
+    while True:
+        message = _broadcast(None, ctx)
+        if message[0] == "stop":
+            return
+        _, candidates, prompts, seed = message
+        _shard(evaluator, candidates, prompts, seed, ctx, None)
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.owns_group:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()

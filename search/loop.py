@@ -1,0 +1,365 @@
+"""The search loop: CMA-ES over one flat vector per candidate, scored by an evaluator, checkpointed every generation.
+
+Search vector (documented order): member 1's scales at the chosen granularity (sites in the model's order, i.e.
+``layout.site_names(granularity)``), then member 2's scales, ..., then ω_1 ... ω_N. x0 = all scales 1 and ω from
+the config (1 for a single member; (cfg, 1 − cfg) for the cfg case) and is the first candidate of generation 1.
+
+Per generation g (1-based): one bucket of ``bucket_size`` training prompts from a seeded permutation; every
+candidate is scored on that bucket with seed ``search.seed + g`` (common random numbers); rewards become losses in
+``optimizer.reward_to_loss`` (NaN/inf → worst, counted and logged). Every ``val_every`` generations (and after the
+last) the identity baseline (once) and the best training candidate so far are scored on the validation prompts with
+``val_seed``; the best by validation score becomes ``calibri-best.safetensors`` and the CMA-ES mean after the last
+generation ``calibri-last-mean.safetensors``. After every generation the state is written atomically (state.py).
+
+Evaluator protocol (``search.evaluator.Evaluator`` or ``python:module:factory``): ``layout`` (SiteLayout),
+``evaluate(candidates, prompts, seed) -> tensor[len(candidates)]`` (mean reward, higher is better), optional
+``images(calibration, prompts, seed) -> [B,H,W,3]`` for grids and optional ``model_info`` (dict for the provenance,
+e.g. the model hash). The loop calls ``evaluate`` with one candidate at a time, so results do not depend on batching
+or on the number of processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from calibri_core.calibration import Calibration, Member
+
+from . import distributed, outputs
+from .config import EVALUATOR_DEFAULT, ConfigError, RunConfig, load_config, write_json_atomic
+from .optimizer import CMAOptimizer, reward_to_loss
+from .state import STATE_FILE, BucketSampler, RunState, load_state, restore_rng, save_state
+
+logger = logging.getLogger("calibri")
+
+
+class SearchSpace:
+    """The flat vector <-> ``Calibration`` map for one layout, granularity and member list."""
+
+    def __init__(self, layout, granularity: str, members: list[dict], scale_bounds, weight_bounds):
+        self.layout, self.granularity = layout, granularity
+        self.sites = tuple(layout.site_names(granularity))
+        self.prompts = tuple(m["prompt"] for m in members)
+        self.n = len(members)
+        k = len(self.sites)
+        self.dimension = self.n * k + self.n
+        self.x0 = np.array([1.0] * (self.n * k) + [float(m["weight"]) for m in members])
+        self.lower = np.array([scale_bounds[0]] * (self.n * k) + [weight_bounds[0]] * self.n)
+        self.upper = np.array([scale_bounds[1]] * (self.n * k) + [weight_bounds[1]] * self.n)
+
+    def order(self) -> list[tuple[int, str]]:
+        """(member, site name or "ω") for every entry of the vector."""
+        return [(m, s) for m in range(self.n) for s in self.sites] + [(m, "ω") for m in range(self.n)]
+
+    def to_calibration(self, x) -> Calibration:
+        x = np.asarray(x, dtype=np.float64)
+        k = len(self.sites)
+        members = tuple(Member(tuple(x[i * k:(i + 1) * k].tolist()), float(x[self.n * k + i]), self.prompts[i])
+                        for i in range(self.n))
+        return Calibration(self.layout.family, self.granularity, self.sites, members)
+
+
+@dataclass
+class SearchResult:
+    """What ``run_search`` returns on rank 0 (other ranks get ``None``)."""
+
+    run_dir: str
+    best_preset: str
+    mean_preset: str
+    best: Calibration
+    best_val: float | None
+    baseline_val: float | None
+    generations: int
+    history: list
+
+
+def build_evaluator(config: RunConfig) -> Any:
+    """The evaluator named by ``search.evaluator``: the ComfyUI one or a ``python:module:factory`` hook."""
+    spec = config.search["evaluator"]
+    if spec == EVALUATOR_DEFAULT:
+        from .evaluator import Evaluator
+
+        factory = getattr(Evaluator, "from_config", Evaluator)
+    else:
+        _, module, attr = spec.split(":")
+        try:
+            factory = importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"Calibri: cannot import module {module!r} for search.evaluator {spec!r}: {e}. Make "
+                              f"sure it is on PYTHONPATH.") from e
+        for piece in attr.split("."):
+            if not hasattr(factory, piece):
+                raise ConfigError(f"Calibri: module {module!r} has no attribute {attr!r} (search.evaluator).")
+            factory = getattr(factory, piece)
+    evaluator = factory(config)
+    for needed in ("layout", "evaluate"):
+        if not hasattr(evaluator, needed):
+            raise TypeError(f"Calibri: the evaluator from {spec!r} has no {needed!r}; an evaluator provides layout, "
+                            f"evaluate(candidates, prompts, seed) and optionally images() and model_info.")
+    return evaluator
+
+
+def prepare_run_dir(config: RunConfig, resume: bool) -> None:
+    """Refuse to start over a run (without ``resume``); store config.json for a new run. No model involved."""
+    run_dir = config.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    has_state = os.path.isfile(os.path.join(run_dir, STATE_FILE))
+    has_config = os.path.isfile(os.path.join(run_dir, "config.json"))
+    if not resume and (has_state or has_config):
+        raise ConfigError(f"Calibri: run dir {run_dir!r} already holds a run. Continue it with --resume {run_dir}, "
+                          f"or choose another output.run_dir (--run-dir).")
+    if not has_config:
+        write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
+
+
+def _coerce_config(config: Any) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, dict):
+        return load_config(None, raw=config)
+    return load_config(os.fspath(config))
+
+
+def run_search(config: Any, evaluator: Any = None, resume: bool = False, progress: bool = False,
+               max_generations: int | None = None) -> SearchResult | None:
+    """Run (or continue) a search; the function behind ``python -m search``.
+
+    Args:
+        config: a :class:`RunConfig`, a TOML path or a raw config dict (validated before anything loads).
+        evaluator: an object implementing the evaluator protocol; default: built from ``search.evaluator``.
+        resume: continue the run in ``config.output.run_dir`` (must have been started with the same config).
+        progress: show tqdm bars (generations, candidates).
+        max_generations: stop this call after that many new generations (the run stays resumable; tests).
+
+    Returns:
+        a :class:`SearchResult` on rank 0, None on other ranks.
+    """
+    config = _coerce_config(config)
+    ctx = distributed.init_from_env()
+    try:
+        if ctx.is_main:
+            prepare_run_dir(config, resume)
+        if evaluator is None:
+            evaluator = build_evaluator(config)
+        if not ctx.is_main:
+            distributed.serve(evaluator, ctx)
+            return None
+        sharded = distributed.ShardedEvaluator(evaluator, ctx)
+        try:
+            return _main_loop(config, sharded, progress, max_generations)
+        finally:
+            sharded.stop()
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _main_loop(config: RunConfig, ev: distributed.ShardedEvaluator, progress: bool,
+               max_generations: int | None) -> SearchResult:
+    from tqdm import tqdm
+
+    s, run_dir = config.search, config.run_dir
+    space = SearchSpace(ev.layout, s["granularity"], config.members, s["scale_bounds"], s["weight_bounds"])
+    loaded = load_state(run_dir)
+    if loaded is not None:
+        state, opt = loaded
+        restore_rng(state.rng)
+        outputs.write_log(run_dir, state.history)
+        logger.info("Calibri: resuming %s at generation %d", run_dir, state.generation)
+    else:
+        state = RunState()
+        opt = CMAOptimizer(space.x0, s["sigma0"], space.lower, space.upper, s["popsize"] or None, s["seed"])
+        outputs.write_log(run_dir, [])
+    sampler = BucketSampler(len(config.train_prompts), s["bucket_size"], s["seed"], state.bucket_epoch,
+                            state.bucket_offset)
+    budget_s = s["budget_hours"] * 3600.0
+    total = s["generations"]
+    bar = tqdm(total=total, initial=state.generation, desc="generations", unit="gen", disable=not progress)
+    cbar = tqdm(total=opt.popsize, desc="candidates", unit="cand", leave=False, disable=not progress)
+    done_here = 0
+    try:
+        while state.generation < total and not (budget_s and state.elapsed_s >= budget_s):
+            if max_generations is not None and done_here >= max_generations:
+                break
+            _generation(config, ev, space, opt, sampler, state, cbar)
+            bar.update(1)
+            bar.set_postfix(best=f"{state.best_train['fitness']:.4g}" if state.best_train else "-",
+                            sigma=f"{opt.sigma:.3g}")
+            done_here += 1
+        finished = state.generation >= total or bool(budget_s and state.elapsed_s >= budget_s)
+        if finished and state.generation > 0 and state.last_validated != state.generation:
+            t0 = time.time()
+            _validate(config, ev, space, state)
+            state.elapsed_s += time.time() - t0
+            save_state(run_dir, state, opt)
+        if finished and not state.finished:
+            state.finished = True
+            save_state(run_dir, state, opt)
+    finally:
+        bar.close()
+        cbar.close()
+    return _finish(config, ev, space, opt, state)
+
+
+def _generation(config: RunConfig, ev, space: SearchSpace, opt: CMAOptimizer, sampler: BucketSampler,
+                state: RunState, cbar) -> None:
+    s = config.search
+    t0 = time.time()
+    g = state.generation + 1
+    xs = opt.ask()
+    bucket = [config.train_prompts[i] for i in sampler.next()]
+    seed = s["seed"] + g
+    candidates = [space.to_calibration(x) for x in xs]
+    cbar.reset(total=len(candidates))
+    t_eval = time.time()
+    rewards = ev.evaluate_all(candidates, bucket, seed, on_done=lambda: cbar.update(1)).numpy()
+    t_eval = time.time() - t_eval
+    losses, nan_count = reward_to_loss(rewards)
+    if nan_count:
+        bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
+        logger.warning("Calibri: generation %d: %d candidate(s) had a non-finite reward (%s); ranked last.",
+                       g, nan_count, bad)
+    opt.tell(losses)
+    finite = rewards[np.isfinite(rewards)]
+    if finite.size:
+        i = int(np.nanargmax(np.where(np.isfinite(rewards), rewards, -np.inf)))
+        if state.best_train is None or rewards[i] > state.best_train["fitness"]:
+            state.best_train = {"x": xs[i].tolist(), "fitness": float(rewards[i]), "generation": g}
+    state.generation = g
+    state.bucket_epoch, state.bucket_offset = sampler.epoch, sampler.offset
+    record = {
+        "generation": g, "seed": seed,
+        "train_best": float(finite.max()) if finite.size else None,
+        "train_mean": float(finite.mean()) if finite.size else None,
+        "train_min": float(finite.min()) if finite.size else None,
+        "train_std": float(finite.std()) if finite.size else None,
+        "nan_count": nan_count, "popsize": len(candidates), "sigma": opt.sigma,
+        "best_so_far": state.best_train["fitness"] if state.best_train else None,
+        "eval_s": round(t_eval, 3),
+    }
+    if g % s["val_every"] == 0:
+        t_val = time.time()
+        record["val"] = _validate(config, ev, space, state)
+        record["val_s"] = round(time.time() - t_val, 3)
+    record["time_s"] = round(time.time() - t0, 3)
+    state.elapsed_s += time.time() - t0
+    record["elapsed_s"] = round(state.elapsed_s, 3)
+    state.history.append(record)
+    save_state(config.run_dir, state, opt)
+    outputs.append_log(config.run_dir, record)
+    if "val" in record and config.output["plots"]:
+        _plots(config, space, state)
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def _validate(config: RunConfig, ev, space: SearchSpace, state: RunState) -> dict:
+    """Score the identity baseline (once) and the best training candidate on the validation prompts."""
+    s = config.search
+    state.last_validated = state.generation
+    if state.best_train is None:
+        return {"generation": state.generation, "score": None}
+    cached = next((v for v in reversed(state.validations) if v["candidate_generation"]
+                   == state.best_train["generation"]), None)
+    todo = []
+    if state.baseline_val is None:
+        todo.append(space.to_calibration(space.x0))
+    if cached is None:
+        todo.append(space.to_calibration(state.best_train["x"]))
+    scores = ev.evaluate_all(todo, config.val_prompts, s["val_seed"]).tolist() if todo else []
+    if state.baseline_val is None:
+        state.baseline_val = _finite_or_none(scores.pop(0))
+        if state.baseline_val is None:
+            logger.warning("Calibri: the identity baseline's validation score is not finite.")
+    score = cached["score"] if cached is not None else _finite_or_none(scores[0])
+    record = {"generation": state.generation, "candidate_generation": state.best_train["generation"],
+              "score": score, "baseline": state.baseline_val}
+    state.validations.append(record)
+    if score is not None and (state.best_val is None or score > state.best_val["score"]):
+        state.best_val = {"x": list(state.best_train["x"]), "score": score,
+                          "generation": state.best_train["generation"], "validated_at": state.generation}
+    logger.info("Calibri: validation at generation %d: best candidate %s, baseline %s", state.generation, score,
+                state.baseline_val)
+    return record
+
+
+def _plots(config: RunConfig, space: SearchSpace, state: RunState) -> None:
+    run_dir, h = config.run_dir, state.history
+    gens = [r["generation"] for r in h]
+    nan = float("nan")
+    outputs.line_plot(os.path.join(run_dir, "plot_train.png"), "training fitness (mean reward on the bucket)", {
+        "best": (gens, [r["train_best"] if r["train_best"] is not None else nan for r in h]),
+        "mean": (gens, [r["train_mean"] if r["train_mean"] is not None else nan for r in h]),
+        "best so far": (gens, [r["best_so_far"] if r["best_so_far"] is not None else nan for r in h])})
+    v = [r for r in state.validations if r.get("score") is not None]
+    outputs.line_plot(os.path.join(run_dir, "plot_validation.png"), "validation score", {
+        "best candidate": ([r["generation"] for r in v], [r["score"] for r in v]),
+        "baseline": ([r["generation"] for r in v], [r["baseline"] if r["baseline"] is not None else nan for r in v])})
+    outputs.line_plot(os.path.join(run_dir, "plot_sigma.png"), "CMA-ES sigma", {"sigma": (gens, [r["sigma"] for r in h])},
+                      log_y=True)
+    best = state.best_val or state.best_train
+    if best is not None:
+        outputs.heatmap(os.path.join(run_dir, "plot_scales.png"), space.to_calibration(best["x"]),
+                        tuple(config.search["scale_bounds"]))
+
+
+def _finish(config: RunConfig, ev, space: SearchSpace, opt: CMAOptimizer, state: RunState) -> SearchResult:
+    run_dir = config.run_dir
+    best_path = os.path.join(run_dir, outputs.BEST_PRESET)
+    mean_path = os.path.join(run_dir, outputs.MEAN_PRESET)
+    model_info = dict(getattr(ev.evaluator, "model_info", None) or {})
+    nan_total = sum(r["nan_count"] for r in state.history)
+    common = {"generations": state.generation, "popsize": opt.popsize, "dimension": space.dimension,
+              "final_sigma": opt.sigma, "nan_rewards": nan_total, "baseline_val": state.baseline_val,
+              "validations": [{k: r[k] for k in ("generation", "candidate_generation", "score")}
+                              for r in state.validations if "candidate_generation" in r]}
+    if state.best_val is not None:
+        chosen, selection = state.best_val, "best validation score among validated best-training candidates"
+        stats = {**common, "candidate_generation": chosen["generation"], "val_score": chosen["score"],
+                 "train_fitness": next((r["fitness"] for r in [state.best_train] if r and r["x"] == chosen["x"]),
+                                       None)}
+    else:
+        chosen = {"x": space.x0.tolist(), "generation": 0}
+        selection = "identity (no candidate had a finite validation score)"
+        stats = {**common, "candidate_generation": 0, "val_score": None}
+    best = space.to_calibration(chosen["x"])
+    counts = space.layout.counts
+    outputs.write_preset(best_path, best, counts, outputs.provenance(config, model_info, selection, stats))
+    mean = space.to_calibration(opt.mean)
+    outputs.write_preset(mean_path, mean, counts, outputs.provenance(
+        config, model_info, "CMA-ES distribution mean after the last generation (not validated)", common))
+    if config.output["preset"]:
+        outputs.write_preset(config.output["preset"], best, counts,
+                             outputs.provenance(config, model_info, selection, stats))
+    if config.output["plots"] and state.history:
+        _plots(config, space, state)
+    _grid(config, ev, space, best)
+    summary = {"generations": state.generation, "best_val": state.best_val and state.best_val["score"],
+               "baseline_val": state.baseline_val, "best_preset": best_path, "mean_preset": mean_path}
+    write_json_atomic(os.path.join(run_dir, "summary.json"), json.loads(json.dumps(summary)))
+    return SearchResult(run_dir, best_path, mean_path, best, state.best_val and state.best_val["score"],
+                        state.baseline_val, state.generation, list(state.history))
+
+
+def _grid(config: RunConfig, ev, space: SearchSpace, best: Calibration) -> None:
+    n = min(config.output["grid_prompts"], len(config.val_prompts))
+    images = getattr(ev.evaluator, "images", None)
+    if not n or images is None:
+        return
+    prompts = config.val_prompts[:n]
+    seed = config.search["val_seed"]
+    try:
+        rows = {"baseline (identity)": images(space.to_calibration(space.x0), prompts, seed),
+                "best (validation)": images(best, prompts, seed)}
+        outputs.image_grid(os.path.join(config.run_dir, "grid_validation.png"), rows)
+    except Exception as e:  # a grid is a convenience; the presets are already written
+        logger.warning("Calibri: could not write the validation image grid: %s: %s", type(e).__name__, e)
