@@ -50,7 +50,8 @@ class EnsembleGuider(comfy.samplers.CFGGuider):
         self.inside = active_range.test(model)
         self.rescale = rescale
         self.low_vram = low_vram
-        self.patch = int(getattr(model.model.diffusion_model, "patch_size", 1) or 1)
+        patch = getattr(model.model.diffusion_model, "patch_size", 1) or 1
+        self.patch = int(patch[-1] if isinstance(patch, (tuple, list)) else patch)  # spatial size of one token
 
     def set_conds(self, positive, negative) -> None:
         self.inner_set_conds({"positive": positive, "negative": negative})

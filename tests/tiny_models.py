@@ -64,12 +64,13 @@ SPECS = {
 FAMILIES = tuple(SPECS)
 
 
-def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A ComfyUI BaseModel of ``family`` with random weights (randn·0.05, seeded)."""
+def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A ComfyUI BaseModel of ``family`` with random weights (randn·0.05, seeded); ``overrides``
+    replace entries of the family's model kwargs (e.g. ``depth=10``)."""
     import comfy.supported_models as supported
 
     spec = SPECS[family]
-    config = getattr(supported, spec.config)(dict(spec.unet))
+    config = getattr(supported, spec.config)(dict(spec.unet, **overrides))
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
@@ -83,11 +84,12 @@ def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     return model.to(dtype)
 
 
-def build_patcher(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+def build_patcher(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     import comfy.model_patcher
 
     cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(build_model(family, seed, dtype), load_device=cpu, offload_device=cpu)
+    model = build_model(family, seed, dtype, **overrides)
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
 def conditioning(family: str, seed: int = 1, batch: int = 1) -> list:

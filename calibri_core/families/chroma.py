@@ -13,4 +13,5 @@ FAMILY = Family(
     classes=("comfy.ldm.chroma.model.Chroma",),
     read_counts=read_counts,
     gates=branch_gates,
+    dit_blocks={"double_block": "double_blocks", "single_block": "single_blocks"},
 )

@@ -32,4 +32,5 @@ FAMILY = Family(
     accepts=lambda dm: not hasattr(dm, "double_stream_modulation_img"),
     read_counts=read_counts,
     gates=gates,
+    dit_blocks={"double_block": "double_blocks", "single_block": "single_blocks"},
 )

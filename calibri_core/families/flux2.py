@@ -31,4 +31,5 @@ FAMILY = Family(
     accepts=lambda dm: hasattr(dm, "double_stream_modulation_img"),
     read_counts=read_counts,
     gates=branch_gates,
+    dit_blocks={"double_block": "double_blocks", "single_block": "single_blocks"},
 )

@@ -27,4 +27,5 @@ FAMILY = Family(
     classes=("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel",),
     read_counts=read_counts,
     gates=gates,
+    dit_blocks={"double_block": "transformer_blocks"},
 )

@@ -55,5 +55,6 @@ FAMILY = Family(
     classes=("comfy.ldm.modules.diffusionmodules.mmdit.MMDiT",),
     read_counts=read_counts,
     gates=gates,
+    dit_blocks={"double_block": "joint_blocks"},
     ungated="the last context_block is pre_only: it has no gates and its text output is discarded",
 )

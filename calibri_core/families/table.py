@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..sites import Gate, SiteLayout
@@ -20,6 +20,8 @@ class Family:
         gates: lists the gates for those counts, in the model's block order.
         accepts: optional extra test on the diffusion model (e.g. Flux.2 vs Flux.1 share a class).
         ungated: branches that add to the residual without a gate, left untouched by design.
+        dit_blocks: ComfyUI's ``patches_replace["dit"]`` block names (as SkipLayerGuidanceDiT's
+            double/single layers use them) → our block containers; empty where the model ignores them.
     """
 
     name: str
@@ -29,6 +31,7 @@ class Family:
     gates: Callable[[dict], list[Gate]]
     accepts: Callable[[Any], bool] = lambda dm: True
     ungated: str = ""
+    dit_blocks: dict = field(default_factory=dict)
 
     def layout(self, counts: dict) -> SiteLayout:
         return SiteLayout(self.name, dict(counts), tuple(self.gates(counts)))

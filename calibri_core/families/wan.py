@@ -28,5 +28,6 @@ FAMILY = Family(
     classes=("comfy.ldm.wan.model.WanModel",),
     read_counts=read_counts,
     gates=gates,
+    dit_blocks={"double_block": "blocks"},
     ungated="cross-attention is added without a gate and is never scaled",
 )
