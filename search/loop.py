@@ -81,6 +81,21 @@ class SearchResult:
     history: list
 
 
+def seed_global_rngs(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs at the start of a new run.
+
+    The evaluator should draw its noise from explicit seeds (common random numbers), but anything it or a library
+    takes from the global generators is then reproducible too; their states are checkpointed with the run.
+    """
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def build_evaluator(config: RunConfig) -> Any:
     """The evaluator named by ``search.evaluator``: the ComfyUI one or a ``python:module:factory`` hook."""
     spec = config.search["evaluator"]
@@ -175,6 +190,7 @@ def _main_loop(config: RunConfig, ev: distributed.ShardedEvaluator, progress: bo
         logger.info("Calibri: resuming %s at generation %d", run_dir, state.generation)
     else:
         state = RunState()
+        seed_global_rngs(s["seed"])
         opt = CMAOptimizer(space.x0, s["sigma0"], space.lower, space.upper, s["popsize"] or None, s["seed"])
         outputs.write_log(run_dir, [])
     sampler = BucketSampler(len(config.train_prompts), s["bucket_size"], s["seed"], state.bucket_epoch,
