@@ -63,6 +63,10 @@ class QuadraticEvaluator:
             out.append(value)
             if self.sleep:
                 time.sleep(self.sleep)
+        shard_log = os.environ.get("CALIBRI_TEST_SHARD_LOG")  # set by the distributed test
+        if shard_log:
+            with open(f"{shard_log}.{os.environ.get('RANK', '0')}", "w") as f:
+                f.write(str(self.calls))
         return torch.tensor(out, dtype=torch.float64)
 
     def images(self, calibration, prompts, seed):
