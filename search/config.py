@@ -58,6 +58,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...], str]]] = {
         "budget_hours": (0.0, (float, int), "stop after this many hours of wall time (0 = no limit)"),
         "val_every": (10, (int,), "validate every K generations (and after the last one)"),
         "val_seed": (1234, (int,), "fixed sampling seed of validation"),
+        "candidates_per_call": (1, (int,), "candidates per evaluator call: 1 = results independent of batching and "
+                                "of the number of processes; 0 = a rank's whole share packed into one call (faster "
+                                "on big GPUs, resume still exact, but sharding may change the last bits)"),
         "evaluator": (EVALUATOR_DEFAULT, (str,), "'comfy' (search.evaluator.Evaluator) or 'python:module:factory', "
                       "a callable factory(config) returning an object with layout, evaluate(), images()"),
     },
@@ -73,8 +76,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...], str]]] = {
         "negative_prompt": ("", (str,), "text seen by members whose prompt is 'negative'"),
     },
     "prompts": {
-        "train": (_MISSING, (str,), "training prompt file, one prompt per line (blank and '#' lines skipped)"),
-        "validation": (_MISSING, (str,), "held-out validation prompt file, same format"),
+        "train": ("default", (str,), "training prompt file, one prompt per line (blank and '#' lines skipped); "
+                  "'default' = search/data/train_prompts.txt"),
+        "validation": ("default", (str,), "held-out validation prompt file, same format; 'default' = "
+                       "search/data/val_prompts.txt"),
     },
     "output": {
         "run_dir": (_MISSING, (str,), "folder for state, logs, plots, grids and presets"),
@@ -102,9 +107,10 @@ def _near(name: str, options) -> str:
 
 
 def read_prompts(path: str) -> list[str]:
-    """Non-blank lines of a prompt file, without lines starting with '#'."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    """Non-blank lines of a prompt file, without lines starting with '#' (``search.prompts`` reads them)."""
+    from .prompts import read_prompts as _read
+
+    return _read(path)
 
 
 def _sha(values: list[str]) -> str:
@@ -239,7 +245,8 @@ def validate(data: dict, base_dir: str, check_files: bool = True) -> RunConfig:
                           f"({family.title}); it supports {', '.join(supported)}.")
 
     # Numbers.
-    for key, low in (("bucket_size", 1), ("generations", 0), ("val_every", 1), ("popsize", 0)):
+    for key, low in (("bucket_size", 1), ("generations", 0), ("val_every", 1), ("popsize", 0),
+                     ("candidates_per_call", 0)):
         if s[key] < low:
             raise ConfigError(f"Calibri: search.{key} must be at least {low}; got {s[key]}.")
     if s["popsize"] == 1:
@@ -336,8 +343,10 @@ def validate(data: dict, base_dir: str, check_files: bool = True) -> RunConfig:
         if not isinstance(te, str) or not te:
             raise ConfigError(f"Calibri: model.text_encoders[{i}] must be a file path; got {te!r}.")
     m["text_encoders"] = [_resolve_path(te, base_dir) for te in m["text_encoders"]]
-    for key in ("train", "validation"):
-        p[key] = _resolve_path(p[key], base_dir)
+    from .prompts import DEFAULT_FILES
+
+    for key, split in (("train", "train"), ("validation", "val")):
+        p[key] = str(DEFAULT_FILES[split]) if p[key] == "default" else _resolve_path(p[key], base_dir)
     o["run_dir"] = _resolve_path(o["run_dir"], base_dir)
     o["preset"] = _resolve_path(o["preset"], base_dir)
     if not m["name"]:
@@ -369,10 +378,8 @@ def _check_files(config: RunConfig) -> None:
             raise ConfigError(f"Calibri: prompts.{key} file {path!r} does not exist.")
         try:
             values = read_prompts(path)
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"Calibri: cannot read prompts.{key} file {path!r}: {e}.") from None
-        if not values:
-            raise ConfigError(f"Calibri: prompts.{key} file {path!r} has no prompts; write one prompt per line.")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"Calibri: prompts.{key}: {str(e).removeprefix('Calibri: ')}") from None
         setattr(config, attr, values)
     _check_writable(config.run_dir)
     preset = config.output["preset"]

@@ -1,8 +1,9 @@
 """Sharding the search over processes with torch.distributed (``torchrun --nproc_per_node=K``, multi-node too).
 
 Rank 0 owns the optimiser and every file. For each evaluation it broadcasts the candidates, the prompts and the
-seed; candidate i is scored by rank ``i % world`` (one candidate per evaluator call on every rank, exactly as a
-single process does, so the fitness values and hence the final preset do not depend on the number of processes);
+seed; candidate i is scored by rank ``i % world`` (by default one candidate per evaluator call on every rank, exactly as
+a single process does, so the fitness values and hence the final preset do not depend on the number of processes;
+``search.candidates_per_call`` packs more);
 the fitness vector is put together with one ``all_reduce`` (each entry is non-zero on its owner only, and x + 0 = x
 exactly, NaN included). Backend: nccl when CUDA is available, else gloo.
 """
@@ -50,22 +51,31 @@ def init_from_env() -> DistContext:
 
 
 def evaluate_each(evaluator: Any, candidates: Sequence, prompts: list[str], seed: int, indices: Sequence[int],
-                  on_done: Callable[[], None] | None = None) -> dict[int, float]:
-    """Score ``candidates[i]`` for i in ``indices``, one evaluator call each (same prompts and seed for all)."""
+                  per_call: int = 1, on_done: Callable[[], None] | None = None) -> dict[int, float]:
+    """Score ``candidates[i]`` for i in ``indices``, ``per_call`` candidates per evaluator call (0 = all at once),
+    all with the same prompts and seed."""
     out: dict[int, float] = {}
-    for i in indices:
-        value = evaluator.evaluate([candidates[i]], list(prompts), int(seed))
-        out[i] = float(torch.as_tensor(value, dtype=torch.float64).reshape(-1)[0])
-        if on_done is not None:
-            on_done()
+    indices = list(indices)
+    step = per_call if per_call > 0 else max(1, len(indices))
+    for start in range(0, len(indices), step):
+        chunk = indices[start:start + step]
+        values = torch.as_tensor(evaluator.evaluate([candidates[i] for i in chunk], list(prompts), int(seed)),
+                                 dtype=torch.float64).reshape(-1)
+        if values.numel() != len(chunk):
+            raise RuntimeError(f"Calibri: the evaluator returned {values.numel()} fitness values for {len(chunk)} "
+                               f"candidates.")
+        for i, v in zip(chunk, values.tolist()):
+            out[i] = float(v)
+            if on_done is not None:
+                on_done()
     return out
 
 
 class ShardedEvaluator:
     """Rank 0's view of all ranks: the evaluator protocol's ``evaluate``, with the work split over ranks."""
 
-    def __init__(self, evaluator: Any, ctx: DistContext):
-        self.evaluator, self.ctx = evaluator, ctx
+    def __init__(self, evaluator: Any, ctx: DistContext, per_call: int = 1):
+        self.evaluator, self.ctx, self.per_call = evaluator, ctx, per_call
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.evaluator, name)
@@ -74,7 +84,7 @@ class ShardedEvaluator:
                      on_done: Callable[[], None] | None = None) -> torch.Tensor:
         if self.ctx.world > 1:
             _broadcast(("evaluate", list(candidates), list(prompts), int(seed)), self.ctx)
-        return _shard(self.evaluator, list(candidates), list(prompts), int(seed), self.ctx, on_done)
+        return _shard(self.evaluator, list(candidates), list(prompts), int(seed), self.ctx, self.per_call, on_done)
 
     def stop(self) -> None:
         if self.ctx.world > 1:
@@ -89,10 +99,10 @@ def _broadcast(message: tuple | None, ctx: DistContext) -> tuple:
     return box[0]
 
 
-def _shard(evaluator: Any, candidates: list, prompts: list[str], seed: int, ctx: DistContext,
+def _shard(evaluator: Any, candidates: list, prompts: list[str], seed: int, ctx: DistContext, per_call: int,
            on_done: Callable[[], None] | None) -> torch.Tensor:
     mine = range(ctx.rank, len(candidates), ctx.world)
-    local = evaluate_each(evaluator, candidates, prompts, seed, mine, on_done)
+    local = evaluate_each(evaluator, candidates, prompts, seed, mine, per_call, on_done)
     values = torch.zeros(len(candidates), dtype=torch.float64)
     for i, v in local.items():
         values[i] = v
@@ -105,14 +115,14 @@ def _shard(evaluator: Any, candidates: list, prompts: list[str], seed: int, ctx:
     return values
 
 
-def serve(evaluator: Any, ctx: DistContext) -> None:
+def serve(evaluator: Any, ctx: DistContext, per_call: int = 1) -> None:
     """The loop of ranks > 0: evaluate their share of what rank 0 broadcasts until it says stop."""
     while True:
         message = _broadcast(None, ctx)
         if message[0] == "stop":
             return
         _, candidates, prompts, seed = message
-        _shard(evaluator, candidates, prompts, seed, ctx, None)
+        _shard(evaluator, candidates, prompts, seed, ctx, per_call, None)
 
 
 def shutdown(ctx: DistContext) -> None:

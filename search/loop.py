@@ -14,8 +14,8 @@ generation ``calibri-last-mean.safetensors``. After every generation the state i
 Evaluator protocol (``search.evaluator.Evaluator`` or ``python:module:factory``): ``layout`` (SiteLayout),
 ``evaluate(candidates, prompts, seed) -> tensor[len(candidates)]`` (mean reward, higher is better), optional
 ``images(calibration, prompts, seed) -> [B,H,W,3]`` for grids and optional ``model_info`` (dict for the provenance,
-e.g. the model hash). The loop calls ``evaluate`` with one candidate at a time, so results do not depend on batching
-or on the number of processes.
+e.g. the model hash). By default the loop calls ``evaluate`` with one candidate at a time
+(``search.candidates_per_call``), so results do not depend on batching or on the number of processes.
 """
 
 from __future__ import annotations
@@ -165,9 +165,9 @@ def run_search(config: Any, evaluator: Any = None, resume: bool = False, progres
         if evaluator is None:
             evaluator = build_evaluator(config)
         if not ctx.is_main:
-            distributed.serve(evaluator, ctx)
+            distributed.serve(evaluator, ctx, config.search["candidates_per_call"])
             return None
-        sharded = distributed.ShardedEvaluator(evaluator, ctx)
+        sharded = distributed.ShardedEvaluator(evaluator, ctx, config.search["candidates_per_call"])
         try:
             return _main_loop(config, sharded, progress, max_generations)
         finally:

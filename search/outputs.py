@@ -51,7 +51,14 @@ def provenance(config, model_info: dict, selection: str, statistics: dict) -> di
                                                            ("vae", m["vae"])) if v}}
     if m["text_encoders"]:
         model["files"]["text_encoders"] = [os.path.basename(t) for t in m["text_encoders"]]
-    model.update({k: v for k, v in model_info.items() if k not in model})
+    for k, v in model_info.items():  # e.g. sha256; local paths are reduced to file names
+        if k in model or v is None:
+            continue
+        if isinstance(v, str) and os.path.isabs(v):
+            v = os.path.basename(v)
+        elif isinstance(v, list) and all(isinstance(t, str) for t in v):
+            v = [os.path.basename(t) if os.path.isabs(t) else t for t in v]
+        model[k] = v
     hashes = config.to_dict()["prompt_hashes"]
     return {
         "source": "calibri-search",

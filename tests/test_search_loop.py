@@ -165,8 +165,6 @@ def test_first_candidate_is_identity_and_buckets_reproducible(tmp_path):
 def test_same_seed_same_trajectory_and_global_rng_untouched(tmp_path):
     from search.loop import run_search
 
-    np.random.seed(99)
-    before = np.random.get_state()[1].copy()
     a = run_search(raw_config(tmp_path, "a", generations=8))
     b = run_search(raw_config(tmp_path, "b", generations=8))
     c = run_search(raw_config(tmp_path, "c", generations=8, seed=4))
@@ -175,7 +173,22 @@ def test_same_seed_same_trajectory_and_global_rng_untouched(tmp_path):
     assert strip != [{k: v for k, v in r.items() if not k.endswith("_s")} for r in c.history]
     assert open(a.best_preset, "rb").read() == open(b.best_preset, "rb").read()
     assert open(a.mean_preset, "rb").read() == open(b.mean_preset, "rb").read()
+
+
+def test_optimizer_leaves_numpy_global_rng_alone():
+    from search.optimizer import CMAOptimizer
+
+    np.random.seed(99)
+    before = np.random.get_state()[1].copy()
+    opt = CMAOptimizer(np.ones(5), 0.25, [-1] * 5, [2] * 5, None, 1)
+    for _ in range(3):
+        xs = opt.ask()
+        opt.tell([float((x ** 2).sum()) for x in xs])
     assert (np.random.get_state()[1] == before).all(), "pycma must not move NumPy's global RNG"
+    other = CMAOptimizer(np.ones(5), 0.25, [-1] * 5, [2] * 5, None, 1)
+    np.random.rand(7)  # the caller using the global RNG must not change the optimiser's samples
+    first = CMAOptimizer(np.ones(5), 0.25, [-1] * 5, [2] * 5, None, 1).ask()
+    assert all((a == b).all() for a, b in zip(other.ask(), first))
 
 
 def test_nan_fitness_is_worst_and_logged(tmp_path, caplog):

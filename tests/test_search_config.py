@@ -1,0 +1,177 @@
+"""Run-config validation: every bad input is a clear error before any model is loaded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from test_search_loop import raw_config, to_toml
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if anything tries to build an evaluator (i.e. load a model)."""
+    import search.loop
+
+    def refuse(config):
+        raise AssertionError("an evaluator was built although the config is invalid")
+
+    monkeypatch.setattr(search.loop, "build_evaluator", refuse)
+
+
+def _comfy_config(tmp_path) -> dict:
+    cfg = raw_config(tmp_path)
+    cfg["search"]["evaluator"] = "comfy"
+    for name in ("flux1-dev.safetensors", "clip_l.safetensors", "t5xxl.safetensors", "ae.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    cfg["model"].update(diffusion_model=str(tmp_path / "flux1-dev.safetensors"), vae=str(tmp_path / "ae.safetensors"),
+                        text_encoders=[str(tmp_path / "clip_l.safetensors"), str(tmp_path / "t5xxl.safetensors")])
+    return cfg
+
+
+def _cli_error(tmp_path, cfg: dict, capsys, *extra: str) -> str:
+    from search.cli import main
+
+    path = tmp_path / "bad.toml"
+    path.write_text(to_toml(cfg), encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(path), "--no-progress", *extra])
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_valid_config_and_reference_defaults(tmp_path):
+    from search.config import load_config
+
+    cfg = _comfy_config(tmp_path)
+    cfg["search"] = {"evaluator": "comfy"}  # everything else from the defaults
+    config = load_config(None, raw=cfg)
+    s, smp = config.search, config.sampling
+    assert s["generations"] == 200 and s["granularity"] == "block" and s["candidates_per_call"] == 1
+    assert (s["sigma0"], s["popsize"], s["bucket_size"], s["val_every"], s["val_seed"]) == (0.25, 0, 16, 10, 1234)
+    assert s["scale_bounds"] == [-1.0, 2.0] and s["weight_bounds"] == [-10.0, 10.0]
+    assert (smp["steps"], smp["width"], smp["height"], smp["guidance"], smp["micro_batch"]) == (15, 512, 512, 3.5, 4)
+    assert config.members == [{"prompt": "positive", "weight": 1.0}]
+    assert len(config.train_prompts) == 10 and len(config.val_prompts) == 3
+
+
+def test_default_prompt_files_and_cfg_case(tmp_path):
+    from search.config import load_config
+
+    cfg = _comfy_config(tmp_path)
+    cfg["model"]["family"] = "qwen_image"
+    del cfg["prompts"]
+    config = load_config(None, raw=cfg)
+    assert config.sampling["cfg"] == 4.0 and config.sampling["guidance"] is None
+    assert config.members == [{"prompt": "positive", "weight": 4.0}, {"prompt": "negative", "weight": -3.0}]
+    assert len(config.train_prompts) > 16 and config.val_prompts
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda c, t: c["model"].update(diffusion_model=str(t / "missing.safetensors")), "model.diffusion_model file"),
+    (lambda c, t: c["model"].update(text_encoders=[str(t / "nope.safetensors")]), r"model.text_encoders\[0\] file"),
+    (lambda c, t: c["model"].update(diffusion_model="", checkpoint=""), "names no model"),
+    (lambda c, t: c.update(rewards=[{"name": "hpsv4"}]), "unknown reward 'hpsv4'.*Did you mean 'hpsv3'"),
+    (lambda c, t: (t / "empty.txt").write_text("\n# comment\n\n") and c["prompts"].update(train=str(t / "empty.txt")),
+     "prompts.train.*holds no prompts"),
+    (lambda c, t: c["prompts"].update(validation=str(t / "absent.txt")), "prompts.validation"),
+    (lambda c, t: c["search"].update(granularity="blocks"), "granularity 'blocks' is not supported by the flux"),
+    (lambda c, t: c["model"].update(family="flux3"), "unknown model family 'flux3'"),
+    (lambda c, t: c.update(members=[{"prompt": "positive"}, {"prompt": "negative"}, {"prompt": "positive"}]),
+     "no default ω"),
+    (lambda c, t: c.update(members=[{"prompt": "positive", "weight": 2.0}, {"prompt": "negative"}]),
+     "every member or of none"),
+    (lambda c, t: c.update(members=[{"prompt": "uncond"}]), r"members\[0\].prompt must be one of"),
+    (lambda c, t: c.update(members=[]), "members is empty"),
+    (lambda c, t: c["search"].update(sigma0=-1.0), "sigma0 must be a positive"),
+    (lambda c, t: c["search"].update(scale_bounds=[2.0, -1.0]), "scale_bounds must be"),
+    (lambda c, t: c["search"].update(popsze=4), "unknown config key search.popsze.*'popsize'"),
+    (lambda c, t: c.update(serach={}), r"unknown config section \[serach\]"),
+    (lambda c, t: c["search"].update(generations="ten"), "search.generations must be a int"),
+    (lambda c, t: c["search"].update(evaluator="mine"), "search.evaluator must be"),
+])
+def test_bad_input_is_refused_before_model_load(tmp_path, capsys, no_model_load, mutate, match):
+    import re
+
+    from search.config import ConfigError, load_config
+
+    cfg = _comfy_config(tmp_path)
+    mutate(cfg, tmp_path)
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, raw=cfg)
+    if cfg.get("members") == []:
+        return  # an empty array of tables cannot be written in TOML; the dict form is the only way to give it
+    err = _cli_error(tmp_path, cfg, capsys)
+    assert re.search(match, err), err
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_run_dir(tmp_path, capsys, no_model_load):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    cfg = _comfy_config(tmp_path)
+    cfg["output"]["run_dir"] = str(locked / "run")
+    try:
+        assert "not writable" in _cli_error(tmp_path, cfg, capsys)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_run_dir_that_is_a_file(tmp_path, capsys, no_model_load):
+    (tmp_path / "afile").write_text("x")
+    cfg = _comfy_config(tmp_path)
+    cfg["output"]["run_dir"] = str(tmp_path / "afile")
+    assert "not writable" in _cli_error(tmp_path, cfg, capsys)
+
+
+def test_resume_config_mismatch_before_model_load(tmp_path, capsys, no_model_load):
+    import json
+
+    from search.config import load_config
+
+    cfg = _comfy_config(tmp_path)
+    config = load_config(None, raw=cfg)
+    os.makedirs(config.run_dir, exist_ok=True)
+    with open(os.path.join(config.run_dir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f)
+    cfg["sampling"] = {"steps": 20}
+    path = tmp_path / "changed.toml"
+    path.write_text(to_toml(cfg), encoding="utf-8")
+    from search.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--config", str(path), "--resume", config.run_dir])
+    err = capsys.readouterr().err
+    assert "sampling.steps: run has 15, given 20" in err
+    # A changed prompt file is a different run too.
+    (tmp_path / "train.txt").write_text("other prompt\n")
+    with pytest.raises(SystemExit):
+        main(["--resume", config.run_dir])
+    assert "prompt_hashes.train" in capsys.readouterr().err
+
+
+def test_overrides_and_help(tmp_path, capsys):
+    from search.cli import build_parser
+    from search.config import SCHEMA, load_config, parse_override
+
+    assert parse_override("search.scale_bounds=[0, 2]") == ("search.scale_bounds", [0, 2])
+    assert parse_override("sampling.sampler=dpmpp_2m") == ("sampling.sampler", "dpmpp_2m")
+    config = load_config(None, overrides={"search.popsize": 12, "sampling.steps": 8}, raw=_comfy_config(tmp_path))
+    assert config.search["popsize"] == 12 and config.sampling["steps"] == 8
+    text = build_parser().format_help()
+    for section, keys in SCHEMA.items():
+        for key in keys:
+            assert f"    {key} = " in text, key
+    for flag in ("--resume", "--generations", "--set", "--check", "--budget-hours"):
+        assert flag in text
+
+
+def test_check_flag_loads_nothing(tmp_path, capsys, no_model_load):
+    from search.cli import main
+
+    path = tmp_path / "ok.toml"
+    path.write_text(to_toml(_comfy_config(tmp_path)), encoding="utf-8")
+    assert main(["--config", str(path), "--check"]) == 0
+    assert "config OK" in capsys.readouterr().out
