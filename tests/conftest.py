@@ -31,6 +31,11 @@ def calibri_host() -> comfy_env.Host:
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session):
     comfy_env.activate(calibri_host())
+    import torch
+
+    # The tiny test models are far too small to gain from intra-op threads, and spinning OpenMP
+    # threads slow them several-fold whenever the CPUs are shared.
+    torch.set_num_threads(1)
 
 
 def pytest_report_header(config):

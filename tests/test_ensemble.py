@@ -188,7 +188,7 @@ def test_shipped_slg_presets_equal_comfyui_skip_layer_guidance(family, tmp_path)
     _, layout = model_layout(patcher)
     cfg = 2.0 if family == "flux" else shipped.cfg  # flux: also prove the cfg ≠ 1 algebra on a tiny model
     window = ActiveRange(shipped.start_percent, shipped.end_percent)
-    steps = 20
+    steps = 10
 
     builtin = SkipLayerGuidanceDiT.execute(
         patcher, scale=shipped.scale, start_percent=shipped.start_percent, end_percent=shipped.end_percent,
