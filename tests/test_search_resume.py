@@ -143,3 +143,41 @@ def test_resume_with_different_config_is_refused(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "differs from the one this run was started with" in err and "search.sigma0" in err
+
+
+def _real_evaluator(target=None):
+    from tiny_models import SPECS, build_patcher
+
+    from search.evaluator import Evaluator
+    from search.models import HashTextEncoder, ModelBundle
+    from search.rewards import build_rewards
+
+    spec = SPECS["flux"]
+    bundle = ModelBundle(build_patcher("flux"), HashTextEncoder(spec.context[0], spec.context[1], spec.pooled),
+                         name="tiny-flux")
+    reward = build_rewards([{"name": "target", "images": target}]) if target is not None else None
+    return Evaluator(bundle, reward, steps=2, latent_shape=spec.latent)
+
+
+def test_real_evaluator_resume_matches(tmp_path):
+    """The ComfyUI evaluator on a tiny FLUX (target reward): stopped and resumed with a fresh evaluator (as after a
+    restart), the presets are byte-identical to one uninterrupted run."""
+    pytest.importorskip("comfy")
+    from calibri_core.calibration import Calibration, Member
+    from search.config import load_config
+    from search.loop import run_search
+
+    probe = _real_evaluator()
+    ident = probe.identity()
+    hidden = Calibration(ident.family, "block", ident.sites, (Member((1.3, 1.0, 0.7, 1.0), 1.0),))
+    target = probe.images(hidden, ["p"], 0)[0]
+
+    def cfg(name):
+        # The evaluator object is passed in, so the config's evaluator hook is not used.
+        return raw_config(tmp_path, name, generations=4, val_every=2, popsize=4, bucket_size=2)
+
+    ref = run_search(cfg("ref"), evaluator=_real_evaluator(target))
+    run_search(cfg("part"), evaluator=_real_evaluator(target), max_generations=3)
+    part = run_search(load_config(None, raw=cfg("part")), evaluator=_real_evaluator(target), resume=True)
+    assert part.generations == 4 and ref.best_val is not None
+    assert _outputs(tmp_path / "part") == _outputs(tmp_path / "ref")
