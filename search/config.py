@@ -18,9 +18,10 @@ import json
 import math
 import os
 import tempfile
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any
+
+import tomllib
 
 from calibri_core.calibration import PROMPTS
 from calibri_core.families import FAMILIES, get_family

@@ -320,8 +320,8 @@ def _plots(config: RunConfig, space: SearchSpace, state: RunState) -> None:
     outputs.line_plot(os.path.join(run_dir, "plot_validation.png"), "validation score", {
         "best candidate": ([r["generation"] for r in v], [r["score"] for r in v]),
         "baseline": ([r["generation"] for r in v], [r["baseline"] if r["baseline"] is not None else nan for r in v])})
-    outputs.line_plot(os.path.join(run_dir, "plot_sigma.png"), "CMA-ES sigma", {"sigma": (gens, [r["sigma"] for r in h])},
-                      log_y=True)
+    outputs.line_plot(os.path.join(run_dir, "plot_sigma.png"), "CMA-ES sigma",
+                      {"sigma": (gens, [r["sigma"] for r in h])}, log_y=True)
     best = state.best_val or state.best_train
     if best is not None:
         outputs.heatmap(os.path.join(run_dir, "plot_scales.png"), space.to_calibration(best["x"]),

@@ -147,8 +147,8 @@ def heatmap(path: str, calibration: Calibration, bounds: tuple[float, float]) ->
     w, h = left + cell * len(sites) + 10, top + 28 * rows + 40
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
-    d.text((4, 8), f"{calibration.family} {calibration.granularity} scales (blue<1<red; range {bounds[0]}..{bounds[1]})",
-           fill="black")
+    d.text((4, 8), f"{calibration.family} {calibration.granularity} scales (blue<1<red; range "
+                   f"{bounds[0]}..{bounds[1]})", fill="black")
     lo, hi = bounds
     for r, member in enumerate(calibration.members):
         d.text((4, top + 28 * r + 8), f"m{r + 1} {member.prompt[:3]} ω={member.weight:.3g}", fill="black")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from test_search_loop import raw_config, to_toml
 
 
@@ -175,3 +174,14 @@ def test_check_flag_loads_nothing(tmp_path, capsys, no_model_load):
     path.write_text(to_toml(_comfy_config(tmp_path)), encoding="utf-8")
     assert main(["--config", str(path), "--check"]) == 0
     assert "config OK" in capsys.readouterr().out
+
+
+def test_example_config_is_valid():
+    import tomllib
+
+    from search.config import validate
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search", "example_config.toml")
+    with open(path, "rb") as f:
+        config = validate(tomllib.load(f), os.path.dirname(path), check_files=False)
+    assert config.model["family"] == "flux" and config.sampling["guidance"] == 3.5

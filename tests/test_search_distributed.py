@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_search_loop import raw_config, to_toml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from test_search_loop import raw_config, to_toml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
