@@ -38,7 +38,7 @@ def random_scales(n: int, seed: int = 0) -> list[float]:
 
 def test_family_detected(family, patcher):
     detected, layout = model_layout(patcher)
-    assert detected.name == family
+    assert detected.name == {"wan22": "wan"}.get(family, family)
     assert layout.gates
 
 
@@ -332,3 +332,38 @@ def test_unsupported_model_lists_families():
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="Supported families: .*flux.*sd3.*wan"):
         model_layout(comfy.model_patcher.ModelPatcher(holder, cpu, cpu))
+
+
+def test_wan22_per_token_modulation_matches_reference():
+    """Wan 2.2: a per-frame denoise mask makes the timestep, and so every gate, differ per token."""
+    patcher = tm.build_patcher("wan22")
+    _, layout = model_layout(patcher)
+    scales = random_scales(len(layout.gates), seed=10)
+    x, positive = tm.latent("wan22"), tm.conditioning("wan22")
+    mask = torch.ones((1, 1) + x.shape[2:])
+    mask[:, :, 0] = 0.0  # first frame kept: its tokens see t = 0, the others t = σ
+    shapes = []
+    handle = patcher.model.diffusion_model.blocks[0].register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple(kw["e"].shape)), with_kwargs=True)
+    try:
+        ours = tm.predict(apply_calibration(patcher, gate_calibration(layout, scales)), x, SIGMA, positive,
+                          denoise_mask=mask)
+    finally:
+        handle.remove()
+    assert len(shapes[0]) == 4, f"expected per-token modulation [B, L, 6, D], got {shapes[0]}"
+    reference = tm.predict(reference_patcher("wan22", dict(enumerate(scales))), x, SIGMA, positive,
+                           denoise_mask=mask)
+    plain = tm.predict(patcher, x, SIGMA, positive, denoise_mask=mask)
+    assert (ours - plain).abs().max() > 1e-4
+    assert (ours - reference).abs().max() <= ATOL
+
+
+def test_stacked_calibrations_multiply():
+    patcher = tm.build_patcher("flux")
+    _, layout = model_layout(patcher)
+    first, second = random_scales(len(layout.gates), seed=11), random_scales(len(layout.gates), seed=12)
+    x, positive = tm.latent("flux"), tm.conditioning("flux")
+    stacked = apply_calibration(apply_calibration(patcher, gate_calibration(layout, first)),
+                                gate_calibration(layout, second))
+    product = apply_calibration(patcher, gate_calibration(layout, [a * b for a, b in zip(first, second)]))
+    assert (tm.predict(stacked, x, SIGMA, positive) - tm.predict(product, x, SIGMA, positive)).abs().max() <= ATOL

@@ -60,6 +60,11 @@ SPECS = {
     "wan": TinySpec("WAN21_T2V", dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=64,
                                       ffn_dim=128, freq_dim=32, text_dim=32, out_dim=16, num_heads=4, num_layers=2),
                     (16, 2, 8, 8), (5, 32)),
+    # Wan 2.2 5B layout: a denoise mask turns the timestep per frame, and with it the gates per token.
+    "wan22": TinySpec("WAN22_T2V", dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), in_dim=48,
+                                        dim=64, ffn_dim=128, freq_dim=32, text_dim=32, out_dim=48, num_heads=4,
+                                        num_layers=2),
+                      (48, 3, 8, 8), (5, 32)),
 }
 FAMILIES = tuple(SPECS)
 
@@ -108,7 +113,7 @@ def latent(family: str, seed: int = 2, batch: int = 1) -> torch.Tensor:
 
 
 def predict(patcher, x: torch.Tensor, sigma: float, positive: list, negative: list | None = None, cfg: float = 1.0,
-            guider=None) -> torch.Tensor:
+            guider=None, denoise_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One denoised prediction through ComfyUI's real sampling path (guider → sampler → model).
 
     A one-step custom KSAMPLER calls the guided denoiser once at ``sigma`` and records its output, so
@@ -130,7 +135,7 @@ def predict(patcher, x: torch.Tensor, sigma: float, positive: list, negative: li
     sampler = comfy.samplers.KSAMPLER(one_call)
     sigmas = torch.tensor([sigma, 0.0])
     with torch.no_grad():
-        guider.sample(x.clone(), torch.zeros_like(x), sampler, sigmas, seed=0)
+        guider.sample(x.clone(), torch.zeros_like(x), sampler, sigmas, denoise_mask=denoise_mask, seed=0)
     return seen["denoised"]
 
 
