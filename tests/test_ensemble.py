@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from calibri_core import Calibration, Member
 from calibri_core.ensemble import token_norm
 from calibri_core.host import ActiveRange, apply_calibration, model_layout
