@@ -118,7 +118,7 @@ class _PackGuider:
 
 
 class _PeakMeter:
-    """Peak memory of a block: CUDA allocator peak, or process RSS polled every 2 ms on CPU."""
+    """Peak memory of a block: CUDA allocator peak, or process RSS polled every 10 ms on CPU."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -143,7 +143,7 @@ class _PeakMeter:
             self.peak = process.memory_info().rss
 
             def poll() -> None:
-                while not self._stop.wait(0.002):
+                while not self._stop.wait(0.01):
                     self.peak = max(self.peak, process.memory_info().rss)
 
             self._thread = threading.Thread(target=poll, daemon=True)
