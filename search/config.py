@@ -308,8 +308,6 @@ def validate(data: dict, base_dir: str, check_files: bool = True) -> RunConfig:
     for i, w in enumerate(weights):
         if not low <= w <= high:
             raise ConfigError(f"Calibri: members[{i}] weight ω = {w} is outside search.weight_bounds {[low, high]}.")
-    if "negative" in prompts and family.name not in CFG_DEFAULTS and smp["negative_prompt"] == "":
-        pass  # an empty negative prompt is a legitimate unconditional member
     members = [{"prompt": pr, "weight": float(w)} for pr, w in zip(prompts, weights)]
 
     # Rewards, by the reward registry's names.
