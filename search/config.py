@@ -59,9 +59,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...], str]]] = {
         "budget_hours": (0.0, (float, int), "stop after this many hours of wall time (0 = no limit)"),
         "val_every": (10, (int,), "validate every K generations (and after the last one)"),
         "val_seed": (1234, (int,), "fixed sampling seed of validation"),
-        "candidates_per_call": (1, (int,), "candidates per evaluator call: 1 = results independent of batching and "
-                                "of the number of processes; 0 = a rank's whole share packed into one call (faster "
-                                "on big GPUs, resume still exact, but sharding may change the last bits)"),
+        "candidates_per_call": (4, (int,), "candidates packed into one evaluator call (× bucket prompts rows); "
+                                "chunks of this size are dealt to ranks, so results do not depend on the number of "
+                                "processes; 0 = a rank's whole share in one call (fastest, but the last bits then "
+                                "depend on the number of processes)"),
         "evaluator": (EVALUATOR_DEFAULT, (str,), "'comfy' (search.evaluator.Evaluator) or 'python:module:factory', "
                       "a callable factory(config) returning an object with layout, evaluate(), images()"),
     },

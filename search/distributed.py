@@ -1,10 +1,9 @@
 """Sharding the search over processes with torch.distributed (``torchrun --nproc_per_node=K``, multi-node too).
 
 Rank 0 owns the optimiser and every file. For each evaluation it broadcasts the candidates, the prompts and the
-seed; candidate i is scored by rank ``i % world`` (by default one candidate per evaluator call on every rank, exactly as
-a single process does, so the fitness values and hence the final preset do not depend on the number of processes;
-``search.candidates_per_call`` packs more);
-the fitness vector is put together with one ``all_reduce`` (each entry is non-zero on its owner only, and x + 0 = x
+seed; the generation is cut into chunks of ``search.candidates_per_call`` candidates, each packed into one evaluator
+call, and chunk j is scored by rank ``j % world`` — every candidate lands in the same batch as in a single process,
+so the fitness values and hence the final preset do not depend on the number of processes; the fitness vector is put together with one ``all_reduce`` (each entry is non-zero on its owner only, and x + 0 = x
 exactly, NaN included). Backend: nccl when CUDA is available, else gloo.
 """
 
@@ -50,15 +49,11 @@ def init_from_env() -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), device, owns)
 
 
-def evaluate_each(evaluator: Any, candidates: Sequence, prompts: list[str], seed: int, indices: Sequence[int],
-                  per_call: int = 1, on_done: Callable[[], None] | None = None) -> dict[int, float]:
-    """Score ``candidates[i]`` for i in ``indices``, ``per_call`` candidates per evaluator call (0 = all at once),
-    all with the same prompts and seed."""
+def evaluate_each(evaluator: Any, candidates: Sequence, prompts: list[str], seed: int, chunks: Sequence[Sequence[int]],
+                  on_done: Callable[[], None] | None = None) -> dict[int, float]:
+    """Score every chunk of candidate indices with one evaluator call each, all with the same prompts and seed."""
     out: dict[int, float] = {}
-    indices = list(indices)
-    step = per_call if per_call > 0 else max(1, len(indices))
-    for start in range(0, len(indices), step):
-        chunk = indices[start:start + step]
+    for chunk in chunks:
         values = torch.as_tensor(evaluator.evaluate([candidates[i] for i in chunk], list(prompts), int(seed)),
                                  dtype=torch.float64).reshape(-1)
         if values.numel() != len(chunk):
@@ -69,6 +64,16 @@ def evaluate_each(evaluator: Any, candidates: Sequence, prompts: list[str], seed
             if on_done is not None:
                 on_done()
     return out
+
+
+def rank_chunks(count: int, per_call: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's evaluator calls: the generation is cut into consecutive chunks of ``per_call`` candidates
+    (0 = one chunk per rank) and chunk j goes to rank j mod world. With ``per_call`` > 0 every candidate is
+    evaluated in the same batch whatever the number of ranks, so results do not depend on it."""
+    if per_call <= 0:
+        return [list(range(rank, count, world))] if rank < count else []
+    chunks = [list(range(start, min(start + per_call, count))) for start in range(0, count, per_call)]
+    return chunks[rank::world]
 
 
 class ShardedEvaluator:
@@ -101,8 +106,8 @@ def _broadcast(message: tuple | None, ctx: DistContext) -> tuple:
 
 def _shard(evaluator: Any, candidates: list, prompts: list[str], seed: int, ctx: DistContext, per_call: int,
            on_done: Callable[[], None] | None) -> torch.Tensor:
-    mine = range(ctx.rank, len(candidates), ctx.world)
-    local = evaluate_each(evaluator, candidates, prompts, seed, mine, per_call, on_done)
+    mine = rank_chunks(len(candidates), per_call, ctx.rank, ctx.world)
+    local = evaluate_each(evaluator, candidates, prompts, seed, mine, on_done)
     values = torch.zeros(len(candidates), dtype=torch.float64)
     for i, v in local.items():
         values[i] = v

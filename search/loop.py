@@ -14,8 +14,9 @@ generation ``calibri-last-mean.safetensors``. After every generation the state i
 Evaluator protocol (``search.evaluator.Evaluator`` or ``python:module:factory``): ``layout`` (SiteLayout),
 ``evaluate(candidates, prompts, seed) -> tensor[len(candidates)]`` (mean reward, higher is better), optional
 ``images(calibration, prompts, seed) -> [B,H,W,3]`` for grids and optional ``model_info`` (dict for the provenance,
-e.g. the model hash). By default the loop calls ``evaluate`` with one candidate at a time
-(``search.candidates_per_call``), so results do not depend on batching or on the number of processes.
+e.g. the model hash). The loop calls ``evaluate`` with chunks of ``search.candidates_per_call`` candidates (default 4),
+which the evaluator packs into large forward batches; chunks, not ranks, fix the batches, so results do not depend on
+the number of processes.
 """
 
 from __future__ import annotations
@@ -164,6 +165,9 @@ def run_search(config: Any, evaluator: Any = None, resume: bool = False, progres
             prepare_run_dir(config, resume)
         if evaluator is None:
             evaluator = build_evaluator(config)
+        if hasattr(evaluator, "prepare"):
+            # Encode every prompt of the run once (disk cache first) and free the text encoder.
+            evaluator.prepare(list(config.train_prompts) + list(config.val_prompts))
         if not ctx.is_main:
             distributed.serve(evaluator, ctx, config.search["candidates_per_call"])
             return None

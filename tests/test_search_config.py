@@ -47,7 +47,7 @@ def test_valid_config_and_reference_defaults(tmp_path):
     cfg["search"] = {"evaluator": "comfy"}  # everything else from the defaults
     config = load_config(None, raw=cfg)
     s, smp = config.search, config.sampling
-    assert s["generations"] == 200 and s["granularity"] == "block" and s["candidates_per_call"] == 1
+    assert s["generations"] == 200 and s["granularity"] == "block" and s["candidates_per_call"] == 4
     assert (s["sigma0"], s["popsize"], s["bucket_size"], s["val_every"], s["val_seed"]) == (0.25, 0, 16, 10, 1234)
     assert s["scale_bounds"] == [-1.0, 2.0] and s["weight_bounds"] == [-10.0, 10.0]
     assert (smp["steps"], smp["width"], smp["height"], smp["guidance"], smp["micro_batch"]) == (15, 512, 512, 3.5, 4)

@@ -75,6 +75,10 @@ def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, 
     import comfy.supported_models as supported
 
     spec = SPECS[family]
+    if not hasattr(supported, spec.config):
+        import pytest
+
+        pytest.skip(f"{family}: this ComfyUI has no {spec.config} model (added in a later ComfyUI version)")
     config = getattr(supported, spec.config)(dict(spec.unet, **overrides))
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=torch.device("cpu"))
