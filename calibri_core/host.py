@@ -83,6 +83,12 @@ def model_layout(model: Any) -> tuple[Family, SiteLayout]:
     return detect(diffusion_model)
 
 
+def token_patch(model: Any) -> int:
+    """Side of the square of latent pixels one transformer token covers (1 when the model does not patchify)."""
+    patch = getattr(model.model.diffusion_model, "patch_size", 1) or 1
+    return int(patch[-1] if isinstance(patch, (tuple, list)) else patch)
+
+
 def apply_row_scales(model: Any, row_source: RowSource, *, output_weight: Optional[Callable] = None) -> Any:
     """Clone ``model`` so every forward multiplies each gate by per-row scales.
 

@@ -14,7 +14,7 @@ import torch
 
 from .calibration import Calibration
 from .ensemble import Term, combine_x0, plan_terms, rescale_to
-from .host import ActiveRange, denoise_terms, enable_member_rows, model_layout
+from .host import ActiveRange, denoise_terms, enable_member_rows, model_layout, token_patch
 
 _CALC_COND_BATCH = "sampler_calc_cond_batch_function"
 
@@ -50,8 +50,7 @@ class EnsembleGuider(comfy.samplers.CFGGuider):
         self.inside = active_range.test(model)
         self.rescale = rescale
         self.low_vram = low_vram
-        patch = getattr(model.model.diffusion_model, "patch_size", 1) or 1
-        self.patch = int(patch[-1] if isinstance(patch, (tuple, list)) else patch)  # spatial size of one token
+        self.patch = token_patch(model)
 
     def set_conds(self, positive, negative) -> None:
         self.inner_set_conds({"positive": positive, "negative": negative})

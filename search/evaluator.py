@@ -29,7 +29,7 @@ import torch
 
 from calibri_core.calibration import Calibration, Member
 from calibri_core.ensemble import Term, plan_terms, rescale_to
-from calibri_core.host import apply_row_scales, model_layout
+from calibri_core.host import apply_row_scales, model_layout, token_patch
 
 from .models import ModelBundle, free_encoder, load_bundle
 
@@ -219,7 +219,7 @@ class Evaluator:
             latent_shape = (latent_format.latent_channels,) + depth + spatial
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.patched = apply_row_scales(self.model, _row_source)
-        self.patch_size = int(getattr(self.model.model.diffusion_model, "patch_size", 1) or 1)
+        self.patch_size = token_patch(self.model)
         self._encoder: Any = None
         self._decoder: Any = None
         self._encodings: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
