@@ -4,7 +4,8 @@ Rank 0 owns the optimiser and every file. For each evaluation it broadcasts the 
 seed; the generation is cut into chunks of ``search.candidates_per_call`` candidates, each packed into one evaluator
 call, and chunk j is scored by rank ``j % world`` — every candidate lands in the same batch as in a single process,
 so the fitness values and hence the final preset do not depend on the number of processes. The fitness vector is
-put together with one ``all_reduce`` (each entry is non-zero on its owner only, and x + 0 = x exactly, NaN included). Backend: nccl when CUDA is available, else gloo.
+put together with one ``all_reduce`` (each entry is non-zero on its owner only, and x + 0 = x exactly, NaN included).
+Backend: nccl when CUDA is available, else gloo.
 """
 
 from __future__ import annotations
