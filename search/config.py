@@ -50,6 +50,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...], str]]] = {
     "search": {
         "granularity": ("block", (str,), "block | layer | gate (paper §3.2)"),
         "seed": (0, (int,), "base seed: CMA-ES RNG, bucket permutation; generation g samples with seed + g"),
+        "fixed_noise": (False, (bool,), "sample every generation with the base seed instead of seed + g (the same "
+                        "noise all run long: for planted-target checks and demos; the reference varies it)"),
         "popsize": (0, (int,), "candidates per generation; 0 = pycma's default 4 + 3 ln n"),
         "sigma0": (0.25, (float, int), "initial CMA-ES step size"),
         "scale_bounds": ([-1.0, 2.0], (list,), "[low, high] for every scale"),

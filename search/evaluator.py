@@ -423,10 +423,17 @@ class Evaluator:
                 conditioning=conditioning))
         return groups
 
-    def _noise(self, count: int, seed: int) -> torch.Tensor:
-        # Same values as comfy.sample.prepare_noise on a [count, ...] latent, without touching the global RNG.
-        generator = torch.Generator().manual_seed(int(seed))
-        return torch.randn((count, *self.latent_shape), generator=generator)
+    def noise_for(self, prompts: Sequence[str], seed: int) -> torch.Tensor:
+        """Initial noise [P, ...]: each prompt's own generator, seeded from (seed, prompt).
+
+        Keyed by the prompt rather than its position, a prompt gets the same noise at a seed whatever bucket it is
+        drawn in and in whatever order (common random numbers across buckets); no global RNG is touched.
+        """
+        def prompt_seed(prompt: str) -> int:
+            return int.from_bytes(hashlib.sha256(f"{int(seed)}\n{prompt}".encode("utf-8")).digest()[:8], "little")
+
+        return torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(prompt_seed(p)))
+                            for p in prompts])
 
     def _sample(self, pack: list[tuple[int, int]], plans: list, prompts: Sequence[str], noise: torch.Tensor,
                 seed: int) -> torch.Tensor:
@@ -454,7 +461,7 @@ class Evaluator:
             raise ValueError("Calibri: evaluate needs at least one prompt.")
         self.prepare(prompts)
         plans = [self._terms(c) for c in candidates]
-        noise = self._noise(len(prompts), seed)
+        noise = self.noise_for(prompts, seed)
         pairs = [(k, p) for k in range(len(candidates)) for p in range(len(prompts))]
         pending: dict[int, dict[int, torch.Tensor]] = {}
         start = 0

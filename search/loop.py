@@ -235,7 +235,7 @@ def _generation(config: RunConfig, ev, space: SearchSpace, opt: CMAOptimizer, sa
     g = state.generation + 1
     xs = opt.ask()
     bucket = [config.train_prompts[i] for i in sampler.next()]
-    seed = s["seed"] + g
+    seed = s["seed"] if s["fixed_noise"] else s["seed"] + g
     candidates = [space.to_calibration(x) for x in xs]
     cbar.reset(total=len(candidates))
     t_eval = time.time()

@@ -75,7 +75,7 @@ def test_identity_reproduces_unpatched_sampler(family):
 
     ev = make(family)
     prompts = PROMPTS[:2]
-    noise = comfy.sample.prepare_noise(torch.zeros((len(prompts), *ev.latent_shape)), 11)
+    noise = ev.noise_for(prompts, 11)
     positive = _conditioning(ev, prompts)
     negative = _conditioning(ev, [ev.negative_prompt] * len(prompts))
     latents = comfy.sample.sample(ev.model, noise, ev.steps, ev.cfg, "euler", "simple", positive, negative,
@@ -157,3 +157,10 @@ def test_prompt_files(tmp_path):
     train, val = default_prompts("train"), default_prompts("val")
     assert len(train) >= 100 and len(val) == 30
     assert len(set(train)) == len(train) and not set(train) & set(val)
+
+
+def test_noise_follows_the_prompt_not_its_position():
+    ev = make("flux")
+    forward, backward = ev.noise_for(PROMPTS[:3], 7), ev.noise_for(PROMPTS[:3][::-1], 7)
+    assert torch.equal(forward, backward.flip(0))
+    assert not torch.equal(forward[0], forward[1]) and not torch.equal(forward, ev.noise_for(PROMPTS[:3], 8))

@@ -163,11 +163,14 @@ class TargetReward(Reward):
     Args:
         images: target batch [N,H,W,3] (tensor, or a list of [H,W,3] tensors); N is 1 (shared) or B (per index).
         path: alternatively a ``.safetensors`` file holding the key ``images``.
+        prompts: optional, N prompts: image i is the target of prompt i, whatever order or subset of prompts a
+            batch holds (as the search's prompt buckets do).
     """
 
     name = "target"
 
-    def __init__(self, images: Any = None, path: str | os.PathLike | None = None):
+    def __init__(self, images: Any = None, path: str | os.PathLike | None = None,
+                 prompts: list[str] | None = None):
         if (images is None) == (path is None):
             raise ValueError("Calibri: reward 'target' needs exactly one of the options 'images' or 'path'.")
         if path is not None:
@@ -188,9 +191,20 @@ class TargetReward(Reward):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"Calibri: target images must be [N,H,W,3], got {tuple(images.shape)}.")
         self.target = images
+        self.index = None
+        if prompts is not None:
+            if len(prompts) != images.shape[0] or len(set(prompts)) != len(prompts):
+                raise ValueError(f"Calibri: reward 'target' needs one distinct prompt per target image; got "
+                                 f"{len(prompts)} prompts for {images.shape[0]} images.")
+            self.index = {p: i for i, p in enumerate(prompts)}
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         t = self.target
+        if self.index is not None:
+            unknown = [p for p in prompts if p not in self.index]
+            if unknown:
+                raise ValueError(f"Calibri: reward 'target' has no target image for prompts {unknown[:3]}.")
+            t = t[[self.index[p] for p in prompts]]
         if t.shape[1:] != images.shape[1:] or t.shape[0] not in (1, images.shape[0]):
             raise ValueError(f"Calibri: target images {tuple(t.shape)} do not match the batch {tuple(images.shape)}; "
                              f"expected [1 or {images.shape[0]}, {', '.join(map(str, images.shape[1:]))}].")

@@ -131,7 +131,7 @@ def reference_style(ev, reward, encoder, cands, prompts, seed: int, micro: int =
 
     from calibri_core.host import apply_calibration
 
-    noise_all = ev._noise(len(prompts), seed)
+    noise_all = ev.noise_for(prompts, seed)
     decoder = ev.bundle.make_decoder()
     fitness = []
     for cand in cands:
@@ -159,7 +159,7 @@ def bare(ev, reward, cands, prompts, seed: int) -> None:
 
     total = len(cands) * len(prompts)
     rows = max(1, min(total, int(ev.stats.get("forward_rows", total))))
-    noise_all = ev._noise(len(prompts), seed)
+    noise_all = ev.noise_for(prompts, seed)
     decoder = ev.bundle.make_decoder()
     pairs = [(k, p) for k in range(len(cands)) for p in range(len(prompts))]
     for start in range(0, total, rows):
