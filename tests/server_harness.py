@@ -13,8 +13,9 @@ Why SD3 and not FLUX: ComfyUI 0.3.75's ``model_detection`` fixes a FLUX model's 
 MB per block). The MMDiT detection reads every width from the weights (hidden = 64·depth), so a 4-block, width-256
 SD3.5-Medium-shaped model (10 M parameters) loads through the real ``UNETLoader``.
 
-One server per pytest session: the fixtures in both test modules call :func:`acquire` and their finalizers
-:func:`release`; the server stops when the last user lets go (and at interpreter exit as a safety net).
+One server per pytest session: the session-scoped fixtures in both test modules call :func:`acquire` and their
+finalizers :func:`release` (at session end); the server stops when the last user lets go, and at interpreter exit
+as a safety net. Set ``CALIBRI_KEEP_SERVER_DIR=1`` to keep the base directory (server.log, outputs) for debugging.
 """
 
 from __future__ import annotations

@@ -9,8 +9,6 @@ calibration. The run uses the reference's optimiser settings (x0 = identity inje
 
 import time
 
-import pytest
-import torch
 from tiny_models import SPECS, build_patcher
 
 from calibri_core.calibration import Calibration, Member

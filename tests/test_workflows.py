@@ -89,7 +89,7 @@ class Workflow:
         raise AssertionError(f"{self.path.name}: unexpected CALIBRI source {node['type']}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: the server is shared with test_server_e2e.py, booted once
 def object_info():
     server = server_harness.acquire()
     yield server.object_info
