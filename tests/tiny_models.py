@@ -23,6 +23,7 @@ class TinySpec:
     pooled: int = 0                  # pooled_output width (0 = none)
     guidance: float | None = None
     tanh_gates: bool = False          # keep |tanh(gate)| small so the atanh reference stays defined
+    text_mask: bool = False           # pass an all-ones attention_mask (older ComfyUI reads num_tokens from it)
 
 
 SPECS = {
@@ -50,13 +51,13 @@ SPECS = {
                                         n_refiner_layers=1, n_heads=4, n_kv_heads=2, multiple_of=16,
                                         ffn_dim_multiplier=4.0, qk_norm=True, cap_feat_dim=32, axes_dims=[4, 6, 6],
                                         axes_lens=[300, 512, 512]),
-                        (16, 8, 8), (7, 32)),
+                        (16, 8, 8), (7, 32), text_mask=True),
     "z_image": TinySpec("ZImage", dict(image_model="lumina2", patch_size=2, in_channels=16, dim=256, n_layers=2,
                                        n_refiner_layers=1, n_heads=16, n_kv_heads=16, multiple_of=16,
                                        ffn_dim_multiplier=8 / 3, qk_norm=True, cap_feat_dim=32, axes_dims=[4, 6, 6],
                                        axes_lens=[300, 512, 512], z_image_modulation=True, time_scale=1000,
                                        pad_tokens_multiple=32, rope_theta=256),
-                        (16, 8, 8), (7, 32), tanh_gates=True),
+                        (16, 8, 8), (7, 32), tanh_gates=True, text_mask=True),
     "wan": TinySpec("WAN21_T2V", dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=64,
                                       ffn_dim=128, freq_dim=32, text_dim=32, out_dim=16, num_heads=4, num_layers=2),
                     (16, 2, 8, 8), (5, 32)),
@@ -106,6 +107,8 @@ def conditioning(family: str, seed: int = 1, batch: int = 1) -> list:
     spec = SPECS[family]
     generator = torch.Generator().manual_seed(seed)
     options = {"pooled_output": torch.randn(batch, spec.pooled, generator=generator) if spec.pooled else None}
+    if spec.text_mask:
+        options["attention_mask"] = torch.ones(batch, spec.context[0], dtype=torch.long)
     if spec.guidance is not None:
         options["guidance"] = spec.guidance
     return [[torch.randn((batch,) + spec.context, generator=generator), options]]
