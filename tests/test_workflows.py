@@ -90,10 +90,15 @@ class Workflow:
 
 
 @pytest.fixture(scope="session")  # session: the server is shared with test_server_e2e.py, booted once
-def object_info():
+def workflow_server():
     server = server_harness.acquire()
-    yield server.object_info
+    yield server
     server_harness.release()
+
+
+@pytest.fixture
+def object_info(workflow_server):
+    return workflow_server.object_info
 
 
 def test_required_workflows_present():
@@ -262,14 +267,10 @@ def test_against_object_info(path, object_info):
 
 
 @pytest.mark.server
-def test_server_lists_the_templates(object_info):
+def test_server_lists_the_templates(workflow_server):
     """ComfyUI's custom node manager serves these files under Templates (GET /workflow_templates)."""
-    server = server_harness.acquire()
-    try:
-        templates = server.get("/workflow_templates")
-        assert sorted(templates.get("calibri", [])) == sorted(p.stem for p in WORKFLOWS), templates
-        first = WORKFLOWS[0]
-        served = json.loads(server.get_bytes(f"/api/workflow_templates/calibri/{first.name}"))
-        assert served == load(first)
-    finally:
-        server_harness.release()
+    templates = workflow_server.get("/workflow_templates")
+    assert sorted(templates.get("calibri", [])) == sorted(p.stem for p in WORKFLOWS), templates
+    for path in WORKFLOWS:
+        served = json.loads(workflow_server.get_bytes(f"/api/workflow_templates/calibri/{path.name}"))
+        assert served == load(path)
