@@ -274,3 +274,36 @@ def test_server_lists_the_templates(workflow_server):
     for path in WORKFLOWS:
         served = json.loads(workflow_server.get_bytes(f"/api/workflow_templates/calibri/{path.name}"))
         assert served == load(path)
+
+
+def to_api(wf: Workflow, object_info: dict) -> dict:
+    """The API-format prompt the frontend would queue for this UI workflow (frontend-only nodes dropped)."""
+    prompt = {}
+    for node in wf.nodes.values():
+        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) != 0:
+            continue
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        for name, _type, options in widget_inputs(object_info[node["type"]]):
+            inputs[name] = values.pop(0)
+            if options.get("control_after_generate"):
+                values.pop(0)
+        for inp in node.get("inputs", []):
+            if inp.get("link") is not None:
+                link = wf.links[inp["link"]]
+                inputs[inp["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.mark.server
+def test_plot_workflow_runs_in_the_server(workflow_server):
+    """The plot template needs no model files: queue it as the frontend would and get one chart per member."""
+    path = WORKFLOW_DIR / "calibri-plot-calibration.json"
+    wf = Workflow(path)
+    entry = workflow_server.run(to_api(wf, workflow_server.object_info))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    shown = {node_id: len(out.get("images", [])) for node_id, out in entry["outputs"].items()}
+    expected = {str(n["id"]): wf.members(wf.source(wf.source(n, "images")[0], "calibration")[0])
+                for n in wf.nodes.values() if n["type"] == "PreviewImage"}
+    assert shown == expected and all(expected.values()), (shown, expected)
