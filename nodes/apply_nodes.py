@@ -7,6 +7,7 @@ from ..calibri_core.preset import Preset
 from ..calibri_core.sampling import EnsembleGuider, apply_ensemble
 from .common import CATEGORY, Calibri, active_range, check_range, fitted, io, range_inputs
 
+RESCALE = ("off", "positive_norm")
 _CALIBRATION_TOOLTIP = "A CALIBRI value from CalibriLoadPreset, CalibriManual or CalibriCombine."
 
 
@@ -96,7 +97,7 @@ class CalibriEnsembleGuider(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="Conditioning seen by members whose prompt is negative."),
                 Calibri.Input("calibration", tooltip=_CALIBRATION_TOOLTIP + " Any number of members."),
                 *range_inputs(),
-                io.Combo.Input("rescale", options=["off", "positive_norm"], default="off",
+                io.Combo.Input("rescale", options=list(RESCALE), default="off",
                                tooltip="positive_norm: rescale F per token to the norm of the first positive "
                                        "member's prediction, as Qwen-Image's true CFG does (used by the paper "
                                        "for Qwen-Image)."),
@@ -108,7 +109,9 @@ class CalibriEnsembleGuider(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_percent: float = 0.0, end_percent: float = 1.0) -> bool | str:
+    def validate_inputs(cls, start_percent: float = 0.0, end_percent: float = 1.0, rescale: str = "off") -> bool | str:
+        if rescale not in RESCALE:  # ComfyUI 0.3.75 does not check V3 combo values against their options
+            return f"rescale {rescale!r} is not one of {list(RESCALE)}."
         return check_range(start_percent, end_percent)
 
     @classmethod

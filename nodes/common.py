@@ -62,6 +62,9 @@ def range_inputs() -> list:
 
 
 def check_range(start_percent: float, end_percent: float) -> bool | str:
+    for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+        if not 0.0 <= value <= 1.0:
+            return f"{name} ({value}) must be between 0 and 1."
     if start_percent > end_percent:
         return f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})."
     return True

@@ -31,6 +31,13 @@ class CalibriLoadPreset(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, preset: str) -> bool | str:
+        if preset not in folder_paths.get_filename_list(FOLDER):
+            folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
+            return f"preset {preset!r} is not in any calibri folder ({folders}); put the .safetensors file there."
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, preset: str):
         path = folder_paths.get_full_path(FOLDER, preset)
         return (path, os.path.getmtime(path)) if path else preset  # an edited file is read again

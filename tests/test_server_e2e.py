@@ -356,10 +356,7 @@ def _bad_manual(p: Prompt, **overrides) -> None:
     (_bad_apply, dict(start_percent=0.8, end_percent=0.2), "start_percent"),
     (_bad_apply, dict(strength=9.0), "strength"),
     # V3 combos are not checked against their options by ComfyUI 0.3.75, so the node has to.
-    pytest.param(_bad_guider, dict(rescale="sideways"), "sideways",
-                 marks=pytest.mark.xfail(reason="CalibriEnsembleGuider treats any rescale other than "
-                                                "'positive_norm' as 'off' (V3 combo values are not validated by "
-                                                "ComfyUI 0.3.75)", strict=False)),
+    (_bad_guider, dict(rescale="sideways"), "sideways"),
     (_bad_combine, dict(prompt_1="sideways"), "sideways"),
     (_bad_combine, dict(weight_1=99.0), "weight_1"),
     (_bad_manual, dict(granularity="cell"), "cell"),
