@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from .calibration import Calibration, Member
 from .families import get_family
+from .files import write_bytes_atomic
 from .sites import GRANULARITIES, SiteLayout
 
 FORMAT_VERSION = 1
@@ -164,29 +164,7 @@ def save_preset(path: str | os.PathLike, preset: Preset, overwrite: bool = False
     }
     data = save(tensors, metadata={METADATA_KEY: json.dumps(_metadata(preset), allow_nan=False,
                                                              ensure_ascii=False)})
-    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable; not possible on every platform
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    write_bytes_atomic(path, data)
     return path
 
 

@@ -25,6 +25,7 @@ import tomllib
 
 from calibri_core.calibration import PROMPTS
 from calibri_core.families import FAMILIES, get_family
+from calibri_core.files import write_bytes_atomic
 from calibri_core.sites import GRANULARITIES
 
 # Families whose reference pipeline is the "cfg case" (N = 2: positive, negative), and their default cfg.
@@ -487,28 +488,3 @@ def write_json_atomic(path: str, obj: Any) -> None:
     """JSON to ``path`` via a temp file in the same folder, fsync, rename (never a half-written file)."""
     data = json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode("utf-8")
     write_bytes_atomic(path, data)
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass

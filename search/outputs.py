@@ -13,9 +13,8 @@ import os
 from typing import Sequence
 
 from calibri_core.calibration import Calibration
+from calibri_core.files import write_bytes_atomic
 from calibri_core.preset import Preset, save_preset, tool_version
-
-from .config import write_bytes_atomic
 
 LOG_FILE = "generations.jsonl"
 BEST_PRESET = "calibri-best.safetensors"

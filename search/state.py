@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .config import write_bytes_atomic, write_json_atomic
+from calibri_core.files import write_bytes_atomic
+
+from .config import write_json_atomic
 from .optimizer import CMAOptimizer
 
 STATE_FILE = "state.json"

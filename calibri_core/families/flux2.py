@@ -6,14 +6,10 @@ gate scaled by s where it meets its branch. Chroma has the same blocks and reuse
 """
 
 from ..sites import Gate
+from .flux import STREAMS, read_counts
 from .table import Family, stream_gates
 
 DOUBLE_BRANCHES = {"attn": ("{stream}_attn.proj", 0, 1), "mlp": ("{stream}_mlp", 0, 1)}
-STREAMS = {"img": "img", "txt": "txt"}
-
-
-def read_counts(dm) -> dict:
-    return {"double_blocks": len(dm.double_blocks), "single_blocks": len(dm.single_blocks)}
 
 
 def branch_gates(counts: dict) -> list[Gate]:
