@@ -375,7 +375,10 @@ def setup(test_deps: bool = False) -> tuple[Host, bool]:
     _install(host_reqs, f"ComfyUI {host.version} requirements")
     _install(_parse_requirements(PACK_DIR / "requirements.txt"), "Calibri requirements")
     if test_deps:
-        _install(list(TEST_REQUIREMENTS), "test requirements")
+        # The suite covers search/ too: its reward dependencies (open_clip, transformers) are needed.
+        search_reqs = [r for r in _parse_requirements(PACK_DIR / "search" / "requirements.txt")
+                       if _req_name(r) not in TORCH_DISTS]
+        _install(search_reqs + list(TEST_REQUIREMENTS), "search and test requirements")
     link = install_pack(host)
     _log(f"Calibri: {host.report()}; pack at {link}; cuda={probe['cuda']}; set-up {time.monotonic() - t0:.1f}s")
     return host, bool(probe["cuda"])
