@@ -31,21 +31,26 @@ RowSource = Callable[[dict, int], Optional[torch.Tensor]]
 
 
 class _ActiveRows:
-    """The gate scales of the forward pass in flight, shared by a clone's patched forwards."""
+    """The gate scales of the forward pass in flight, shared by a clone's patched forwards.
+
+    Each patched module's multiplier is cached for the rows tensor it was built from: a static calibration
+    hands the same tensor to every step, so its multipliers are built once per sampling run, not per step.
+    """
 
     def __init__(self) -> None:
         self.rows: Optional[torch.Tensor] = None
-        self._cast: dict[tuple, torch.Tensor] = {}
+        self._built_for: Optional[torch.Tensor] = None
+        self._factors: dict[tuple, torch.Tensor] = {}
 
     def set(self, rows: Optional[torch.Tensor]) -> None:
         self.rows = rows
-        self._cast = {}
+        if rows is not None and rows is not self._built_for:
+            self._built_for, self._factors = rows, {}
 
-    def on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (device, dtype)
-        if key not in self._cast:
-            self._cast[key] = self.rows.to(device=device, dtype=dtype)
-        return self._cast[key]
+    def factor(self, key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._factors:
+            self._factors[key] = build()
+        return self._factors[key]
 
 
 def _scaled_forward(original: Callable, active: _ActiveRows, gates: list[tuple[int, Gate]], module: str) -> Callable:
@@ -53,24 +58,25 @@ def _scaled_forward(original: Callable, active: _ActiveRows, gates: list[tuple[i
     columns = [column for column, _ in gates]
     chunks = gates[0][1].chunks
     chunk_of = [gate.chunk for _, gate in gates]
-    whole_output = chunks == 1
+
+    def build(out: torch.Tensor) -> torch.Tensor:
+        rows = active.rows.to(device=out.device, dtype=out.dtype)[:, columns]
+        if rows.shape[0] not in (1, out.shape[0]):
+            raise RuntimeError(f"Calibri: {module} produced a batch of {out.shape[0]} rows but {rows.shape[0]} rows "
+                               "of scales were supplied; this model changes its batch inside the blocks.")
+        if chunks == 1:  # the whole output is the gated branch (or the gate): one scale per row
+            return rows[:, 0].reshape((-1,) + (1,) * (out.ndim - 1))
+        factor = torch.ones(rows.shape[0], chunks, device=out.device, dtype=out.dtype)
+        factor[:, chunk_of] = rows
+        factor = factor.repeat_interleave(out.shape[-1] // chunks, dim=1)
+        return factor.reshape((factor.shape[0],) + (1,) * (out.ndim - 2) + (out.shape[-1],))
 
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
         out = original(*args, **kwargs)
         if active.rows is None:
             return out
-        rows = active.on(out.device, out.dtype)[:, columns]
-        if rows.shape[0] not in (1, out.shape[0]):
-            raise RuntimeError(f"Calibri: {module} produced a batch of {out.shape[0]} rows but {rows.shape[0]} rows "
-                               "of scales were supplied; this model changes its batch inside the blocks.")
-        if whole_output:
-            factor = rows[:, 0]
-            return out * factor.reshape((-1,) + (1,) * (out.ndim - 1))
-        width = out.shape[-1] // chunks
-        factor = torch.ones(rows.shape[0], chunks, device=out.device, dtype=out.dtype)
-        factor[:, chunk_of] = rows
-        factor = factor.repeat_interleave(width, dim=1)
-        return out * factor.reshape((factor.shape[0],) + (1,) * (out.ndim - 2) + (out.shape[-1],))
+        key = (module, out.device, out.dtype, out.ndim, out.shape[0], out.shape[-1])
+        return out * active.factor(key, lambda: build(out))
 
     return forward
 
