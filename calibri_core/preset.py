@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .calibration import Calibration, Member
+from .calibration import PROMPTS, Calibration, Member
 from .families import get_family
 from .files import write_bytes_atomic
 from .sites import GRANULARITIES, SiteLayout
@@ -282,6 +282,50 @@ def _inspect_text(path: str, preset: Preset) -> str:
         _table(preset),
         "",
     ])
+
+
+def combine_presets(parts: list[tuple[Preset, float, str]]) -> Preset:
+    """Join calibrations into one ensemble (paper §3.3), in the order given.
+
+    Args:
+        parts: (preset, weight, prompt) per input. A one-member input becomes one member with ω = its ω ·
+            weight on ``prompt``. An input that is already an ensemble keeps all its members and their own
+            prompts, each ω multiplied by ``weight`` (``prompt`` is not used for it).
+
+    Returns:
+        a ``Preset`` whose provenance lists the inputs' provenance under ``combined``.
+
+    Raises:
+        ValueError: no inputs, or inputs that differ in family, block counts, granularity or sites.
+    """
+    if not parts:
+        raise ValueError("Calibri: nothing to combine; connect at least one calibration.")
+    first = parts[0][0]
+    members: list[Member] = []
+    for k, (preset, weight, prompt) in enumerate(parts, start=1):
+        if not isinstance(preset, Preset):
+            raise ValueError(f"Calibri: input {k} is not a Calibri calibration (got {type(preset).__name__}).")
+        if prompt not in PROMPTS:
+            raise ValueError(f"Calibri: input {k}: prompt {prompt!r} must be one of {PROMPTS}.")
+        cal, ref = preset.calibration, first.calibration
+        if (cal.family, preset.counts) != (ref.family, first.counts):
+            raise ValueError(f"Calibri: input {k} was made for {preset.describe()} but input 1 for "
+                             f"{first.describe()}; only calibrations of the same model can be combined.")
+        if cal.granularity != ref.granularity or cal.sites != ref.sites:
+            raise ValueError(f"Calibri: input {k} has {cal.granularity} granularity ({len(cal.sites)} sites) but "
+                             f"input 1 has {ref.granularity} ({len(ref.sites)} sites); combined members must share "
+                             f"their sites. Rebuild one of them at the other granularity.")
+        if len(cal.members) == 1:
+            members.append(Member(cal.members[0].scales, cal.members[0].weight * weight, prompt))
+        else:
+            members += [Member(m.scales, m.weight * weight, m.prompt) for m in cal.members]
+    ref = first.calibration
+    combined = Calibration(ref.family, ref.granularity, ref.sites, tuple(members))
+    provenance = {"source": "CalibriCombine", "combined": [
+        {"weight": weight, "prompt": prompt, "members": len(p.calibration.members), "provenance": p.provenance}
+        for p, weight, prompt in parts]}
+    return Preset(combined, first.counts, provenance)
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..calibri_core.host import model_layout
-from ..calibri_core.manual import combine_presets, parse_manual, parse_statements
+from ..calibri_core.manual import parse_manual, parse_statements
 from ..calibri_core.plot import plot_calibration
-from ..calibri_core.preset import Preset
+from ..calibri_core.preset import Preset, combine_presets
 from ..calibri_core.sites import GRANULARITIES
 from .common import CATEGORY, Calibri, io
 

@@ -4,8 +4,8 @@ import pytest
 
 from calibri_core.calibration import Calibration, Member
 from calibri_core.families import get_family
-from calibri_core.manual import combine_presets, parse_manual, parse_statements
-from calibri_core.preset import Preset
+from calibri_core.manual import parse_manual, parse_statements
+from calibri_core.preset import Preset, combine_presets
 
 FLUX = get_family("flux").layout({"double_blocks": 19, "single_blocks": 38})
 SD3 = get_family("sd3").layout({"joint_blocks": 3, "dual_attention_blocks": [0], "context_pre_only_blocks": [2],
