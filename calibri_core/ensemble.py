@@ -47,6 +47,25 @@ def plan_terms(calibration: Calibration, layout: SiteLayout, active: bool, promp
     return [Term(prompt, row, weight) for (prompt, row), weight in merged.items() if weight != 0.0]
 
 
+def rescale_reference(calibration: Calibration, layout: SiteLayout, active: bool, terms: list[Term]) -> int:
+    """Index in ``terms`` of the pass whose velocity norm a rescaled ensemble keeps: the first positive member's.
+
+    When merging left it out (its weights summed to 0) it is appended with weight 0, evaluated for its norm only.
+
+    Raises:
+        ValueError: no member sees the positive prompt.
+    """
+    first = next((i for i, m in enumerate(calibration.members) if m.prompt == "positive"), None)
+    if first is None:
+        raise ValueError("Calibri: rescale needs a member on the positive prompt, whose prediction sets the norm.")
+    row = tuple(calibration.gate_scales(layout)[first]) if active else (1.0,) * len(layout.gates)
+    for i, term in enumerate(terms):
+        if (term.prompt, term.row) == ("positive", row):
+            return i
+    terms.append(Term("positive", row, 0.0))
+    return len(terms) - 1
+
+
 def combine_x0(x: torch.Tensor, x0s: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """x0 of Σ ω_i f_i given each pass's x0 (exact for flow models, whatever Σω is)."""
     out = x.clone()

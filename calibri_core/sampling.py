@@ -13,7 +13,7 @@ import comfy.samplers
 import torch
 
 from .calibration import Calibration
-from .ensemble import Term, combine_x0, plan_terms, rescale_to
+from .ensemble import Term, combine_x0, plan_terms, rescale_reference, rescale_to
 from .host import ActiveRange, denoise_terms, enable_member_rows, model_layout, token_patch
 
 _CALC_COND_BATCH = "sampler_calc_cond_batch_function"
@@ -58,14 +58,7 @@ class EnsembleGuider(comfy.samplers.CFGGuider):
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         active = self.inside({"sigmas": timestep})
         terms = plan_terms(self.calibration, self.layout, active)
-        reference = None
-        if self.rescale:
-            first = next(i for i, m in enumerate(self.calibration.members) if m.prompt == "positive")
-            row = tuple(self.calibration.gate_scales(self.layout)[first]) if active else (1.0,) * len(terms[0].row)
-            reference = next((i for i, t in enumerate(terms) if (t.prompt, t.row) == ("positive", row)), None)
-            if reference is None:  # its weight summed to 0: still evaluated, for its norm only
-                terms.append(Term("positive", row, 0.0))
-                reference = len(terms) - 1
+        reference = rescale_reference(self.calibration, self.layout, active, terms) if self.rescale else None
         x0s = denoise_terms(self.inner_model, [self.conds.get(t.prompt) for t in terms], _rows(terms), x, timestep,
                             model_options, self.low_vram)
         out = combine_x0(x, x0s, [t.weight for t in terms])

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from calibri_core.calibration import Calibration, Member
-from calibri_core.ensemble import Term, plan_terms, rescale_to
+from calibri_core.ensemble import Term, plan_terms, rescale_reference, rescale_to
 from calibri_core.host import apply_row_scales, model_layout, token_patch
 
 from .models import ModelBundle, free_encoder, load_bundle
@@ -39,6 +39,9 @@ ROWS_KEY = "calibri_search_rows"
 """transformer_options key: the [rows, gates] scale table of the forward in flight (one row per batch element)."""
 
 CFG_FAMILIES = {"sd3": 7.0, "qwen_image": 4.0}
+CPU_ROWS = 8
+"""Auto batch cap on CPU, where a forward is compute-bound and big batches only lose cache locality: the search
+benchmark's evaluation took 34.7 s with 64 rows per pack and 24.1 s with 8 (docs/benchmarks.md)."""
 GUIDANCE_DEFAULTS = {"flux": 3.5}
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024 ** 2, "GIB": 1024 ** 3}
 
@@ -373,28 +376,19 @@ class Evaluator:
         return (self.max_memory - rss) if self.max_memory is not None else 0.8 * available
 
     def max_rows(self) -> int:
-        """Forward rows per pack: ``batch_size``, or what fits the memory budget."""
+        """Forward rows per pack: ``batch_size``, or what fits the memory budget (on CPU at most ``CPU_ROWS``)."""
         if isinstance(self.batch_size, int):
             return self.batch_size
         per_row = self._per_row if self._per_row is not None else self._estimate_per_row()
-        return max(1, int(0.9 * self._budget() // max(per_row, 1.0)))
+        rows = max(1, int(0.9 * self._budget() // max(per_row, 1.0)))
+        return min(rows, CPU_ROWS) if self.device.type == "cpu" else rows
 
     # ------------------------------------------------------------------ evaluation
 
     def _terms(self, candidate: Calibration) -> tuple[list[Term], Optional[int]]:
         candidate.check_against(self.layout)
         terms = plan_terms(candidate, self.layout, active=True)
-        reference = None
-        if self.rescale:
-            first = next((i for i, m in enumerate(candidate.members) if m.prompt == "positive"), None)
-            if first is None:
-                raise ValueError("Calibri: rescale needs a member on the positive prompt, whose prediction sets "
-                                 "the norm.")
-            row = tuple(candidate.gate_scales(self.layout)[first])
-            reference = next((i for i, t in enumerate(terms) if (t.prompt, t.row) == ("positive", row)), None)
-            if reference is None:  # its weights summed to 0: evaluated for its norm only
-                terms.append(Term("positive", row, 0.0))
-                reference = len(terms) - 1
+        reference = rescale_reference(candidate, self.layout, True, terms) if self.rescale else None
         return terms, reference
 
     def _groups(self, pack: list[tuple[int, int]], plans: list, prompts: Sequence[str]) -> list[_Group]:

@@ -5,7 +5,7 @@ import torch
 from tiny_models import SPECS, build_patcher
 
 from calibri_core.calibration import Calibration, Member
-from search.evaluator import Evaluator, parse_bytes
+from search.evaluator import CPU_ROWS, Evaluator, parse_bytes
 from search.models import HashTextEncoder, LatentRGBDecoder, ModelBundle, load_bundle
 from search.prompts import default_prompts, read_prompts
 from search.rewards import build_rewards
@@ -34,10 +34,12 @@ def flux():
 
 def test_packed_equals_one_at_a_time(flux):
     cands = [flux.identity(), candidate(flux, (1.3, 0.7, 1.0, 1.2), 0.9), candidate(flux, (0.5, 1.5, 1.1, 0.9))]
-    flux.batch_size = "auto"
+    flux.batch_size = len(cands) * len(PROMPTS)
     packed = flux.images_many(cands, PROMPTS, seed=7)
     fit_packed = flux.evaluate(cands, PROMPTS, seed=7)
     assert flux.stats["forward_rows"] == len(cands) * len(PROMPTS)  # one pack: every pair in one forward
+    flux.batch_size = "auto"
+    assert flux.max_rows() == CPU_ROWS  # on CPU the automatic size is capped
     flux.batch_size = 1
     try:
         alone = [flux.images(c, PROMPTS, seed=7) for c in cands]

@@ -192,6 +192,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--max-memory", default=None, help="evaluator memory cap, e.g. 60GB (CUDA: allocated)")
+    parser.add_argument("--batch-size", default="auto", help="evaluator forward rows per pack ('auto' or a number)")
     parser.add_argument("--candidates", type=int, default=0)
     parser.add_argument("--prompts", type=int, default=0)
     parser.add_argument("--latent", type=int, default=0, help="latent side (default 32 on CPU = 256², 64 on GPU)")
@@ -218,7 +219,8 @@ def main() -> None:
     patcher = build_patcher(setup)
     reward = HPSv3SizeReward("cuda") if args.gpu else ConvReward("cpu")
     ev = Evaluator(ModelBundle(patcher, encoder, name="flux-random"), reward, steps=setup["steps"],
-                   latent_shape=setup["latent"], max_memory=args.max_memory, device=setup["device"])
+                   latent_shape=setup["latent"], max_memory=args.max_memory, device=setup["device"],
+                   batch_size=args.batch_size if args.batch_size == "auto" else int(args.batch_size))
     cands = candidates(ev, K)
     ev.prepare(prompts)
 
