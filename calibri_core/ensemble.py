@@ -47,10 +47,8 @@ def plan_terms(calibration: Calibration, layout: SiteLayout, active: bool, promp
     return [Term(prompt, row, weight) for (prompt, row), weight in merged.items() if weight != 0.0]
 
 
-def rescale_reference(calibration: Calibration, layout: SiteLayout, active: bool, terms: list[Term]) -> int:
-    """Index in ``terms`` of the pass whose velocity norm a rescaled ensemble keeps: the first positive member's.
-
-    When merging left it out (its weights summed to 0) it is appended with weight 0, evaluated for its norm only.
+def first_positive_member(calibration: Calibration) -> int:
+    """Index of the member whose prediction sets the norm of a rescaled ensemble (Qwen-Image true-CFG).
 
     Raises:
         ValueError: no member sees the positive prompt.
@@ -58,6 +56,15 @@ def rescale_reference(calibration: Calibration, layout: SiteLayout, active: bool
     first = next((i for i, m in enumerate(calibration.members) if m.prompt == "positive"), None)
     if first is None:
         raise ValueError("Calibri: rescale needs a member on the positive prompt, whose prediction sets the norm.")
+    return first
+
+
+def rescale_reference(calibration: Calibration, layout: SiteLayout, active: bool, terms: list[Term]) -> int:
+    """Index in ``terms`` of the pass whose velocity norm a rescaled ensemble keeps: the first positive member's.
+
+    When merging left it out (its weights summed to 0) it is appended with weight 0, evaluated for its norm only.
+    """
+    first = first_positive_member(calibration)
     row = tuple(calibration.gate_scales(layout)[first]) if active else (1.0,) * len(layout.gates)
     for i, term in enumerate(terms):
         if (term.prompt, term.row) == ("positive", row):

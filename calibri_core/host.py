@@ -13,7 +13,6 @@ APPLY_MODEL wrapper. Weights are never copied or modified, so LoRA weight patche
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -24,7 +23,6 @@ from .families import Family, detect
 from .sites import Gate, SiteLayout
 
 PATCH_KEY = "calibri"
-log = logging.getLogger("calibri")
 
 RowSource = Callable[[dict, int], Optional[torch.Tensor]]
 """(transformer_options, batch size) → [1 or B, gates] float tensor, or None for identity."""

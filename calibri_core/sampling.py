@@ -13,7 +13,7 @@ import comfy.samplers
 import torch
 
 from .calibration import Calibration
-from .ensemble import Term, combine_x0, plan_terms, rescale_reference, rescale_to
+from .ensemble import Term, combine_x0, first_positive_member, plan_terms, rescale_reference, rescale_to
 from .host import ActiveRange, denoise_terms, enable_member_rows, model_layout, token_patch
 
 _CALC_COND_BATCH = "sampler_calc_cond_batch_function"
@@ -43,8 +43,8 @@ class EnsembleGuider(comfy.samplers.CFGGuider):
                  rescale: bool = False, low_vram: bool = False):
         _, self.layout = model_layout(model)
         calibration.check_against(self.layout)
-        if rescale and not any(m.prompt == "positive" for m in calibration.members):
-            raise ValueError("Calibri: rescale needs a member on the positive prompt, whose prediction sets the norm.")
+        if rescale:
+            first_positive_member(calibration)  # refuse before sampling, not at the first step
         super().__init__(enable_member_rows(model))
         self.calibration = calibration
         self.inside = active_range.test(model)

@@ -386,7 +386,6 @@ class Evaluator:
     # ------------------------------------------------------------------ evaluation
 
     def _terms(self, candidate: Calibration) -> tuple[list[Term], Optional[int]]:
-        candidate.check_against(self.layout)
         terms = plan_terms(candidate, self.layout, active=True)
         reference = rescale_reference(candidate, self.layout, True, terms) if self.rescale else None
         return terms, reference
