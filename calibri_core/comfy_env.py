@@ -53,7 +53,13 @@ PINNED_DIRNAME = f"comfyui-{PINNED_VERSION}"
 
 # torch 2.13 wheels cannot import the torchvision they resolve to; 2.14.1 + 0.29.1 is the tested pair.
 TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")
+# ComfyUI >= 0.19 imports torchaudio at start-up (comfy/sd.py -> the LTX audio VAE). 2.11.1 is the only release on
+# the index; it needs torch>=2.11 and imports and runs beside torch 2.14.1.
+TORCHAUDIO_PIN = "torchaudio==2.11.1"
 TORCH_DISTS = {"torch", "torchvision", "torchaudio"}
+# Modules some ComfyUI releases import at start-up without listing them in requirements.txt
+# (0.3.75: app/frontend_management.py imports requests). Installed only when the host does not list them.
+UNLISTED_HOST_REQUIREMENTS = ("requests",)
 TEST_REQUIREMENTS = ("pytest", "diffusers", "cma", "safetensors")
 
 SOURCES = ("env", "containing", "pinned")
@@ -351,13 +357,23 @@ def _install(lines: Sequence[str], what: str) -> None:
         _pip(["install", *missing])
 
 
-def _torch_probe() -> dict | None:
-    """Import torch and torchvision in a child process; None when either is missing or fails to import."""
-    code = "import json, torch, torchvision; print(json.dumps({'cuda': torch.cuda.is_available()}))"
+def _torch_probe(modules: Sequence[str] = ("torch", "torchvision")) -> dict | None:
+    """Import ``modules`` (torch first) in a child process; None when any is missing or fails to import."""
+    code = f"import json, {', '.join(modules)}; print(json.dumps({{'cuda': torch.cuda.is_available()}}))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if r.returncode != 0:
         return None
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def host_requirements(host: Host) -> list[str]:
+    """What the host needs besides torch/torchvision: its requirements.txt (torchaudio pinned) and the modules it
+    imports without listing them."""
+    listed = _parse_requirements(host.path / "requirements.txt")
+    names = {_req_name(r) for r in listed}
+    lines = [r for r in listed if _req_name(r) not in TORCH_DISTS]
+    lines += [r for r in UNLISTED_HOST_REQUIREMENTS if _req_name(r) not in names]
+    return lines
 
 
 def setup(test_deps: bool = False) -> tuple[Host, bool]:
@@ -371,8 +387,15 @@ def setup(test_deps: bool = False) -> tuple[Host, bool]:
         if probe is None:
             raise ComfyHostError(f"Calibri: torch/torchvision still do not import after installing {TORCH_PINS}.")
     host = find_host()
-    host_reqs = [r for r in _parse_requirements(host.path / "requirements.txt") if _req_name(r) not in TORCH_DISTS]
-    _install(host_reqs, f"ComfyUI {host.version} requirements")
+    if "torchaudio" in {_req_name(r) for r in _parse_requirements(host.path / "requirements.txt")}:
+        if _torch_probe(("torch", "torchaudio")) is None:
+            _log(f"Calibri: ComfyUI {host.version} needs torchaudio, which is missing or not importable; "
+                 f"installing {TORCHAUDIO_PIN}")
+            _pip(["install", TORCHAUDIO_PIN])
+            if _torch_probe(("torch", "torchvision", "torchaudio")) is None:
+                raise ComfyHostError(f"Calibri: torchaudio does not import beside torch after installing "
+                                     f"{TORCHAUDIO_PIN}; ComfyUI {host.version} cannot start without it.")
+    _install(host_requirements(host), f"ComfyUI {host.version} requirements")
     _install(_parse_requirements(PACK_DIR / "requirements.txt"), "Calibri requirements")
     if test_deps:
         # The suite covers search/ too: its reward dependencies (open_clip, transformers) are needed.
@@ -512,7 +535,9 @@ def smoke(timeout: float = 300.0) -> int:
     print(f"server:      {' '.join(cmd)} (port {port})")
     if object_info is not None:
         print(f"object_info: {len(object_info)} nodes, answered {boot_s:.1f}s after start")
-    print(f"pack nodes:  {len(ids)} from comfy_entrypoint: {', '.join(ids) or '(none registered yet)'}")
+        print(f"pack nodes:  {len(ids)} from comfy_entrypoint: {', '.join(ids) or '(none registered yet)'}")
+    else:  # the entry point may list nodes, but nothing proves the server would show them
+        print("object_info: none (the server never answered)")
     print(f"total:       {time.monotonic() - t0:.1f}s")
     if problems:
         print("FAILED:\n  " + "\n  ".join(problems))

@@ -13,6 +13,7 @@ APPLY_MODEL wrapper. Weights are never copied or modified, so LoRA weight patche
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -51,14 +52,22 @@ class _ActiveRows:
         return self._factors[key]
 
 
-def _scaled_forward(original: Callable, active: _ActiveRows, gates: list[tuple[int, Gate]], module: str) -> Callable:
-    """Wrap one module's forward so that its gate slices are multiplied by the active row scales."""
+def _scaled_forward(original: Callable, active: _ActiveRows, gates: list[tuple[int, Gate]], module: str,
+                    stacked_copies: bool) -> Callable:
+    """Wrap one module's forward so that its gate slices are multiplied by the active row scales.
+
+    ``stacked_copies``: the family may run this module on k stacked copies of the batch ([rows; rows'], as
+    Qwen-Image-Edit-2511's zero-timestep reference half); each copy of a row then takes that row's scales.
+    """
     columns = [column for column, _ in gates]
     chunks = gates[0][1].chunks
     chunk_of = [gate.chunk for _, gate in gates]
 
     def build(out: torch.Tensor) -> torch.Tensor:
         rows = active.rows.to(device=out.device, dtype=out.dtype)[:, columns]
+        copies, remainder = divmod(out.shape[0], rows.shape[0])
+        if stacked_copies and remainder == 0 and copies > 1:
+            rows = rows.repeat(copies, 1)
         if rows.shape[0] not in (1, out.shape[0]):
             raise RuntimeError(f"Calibri: {module} produced a batch of {out.shape[0]} rows but {rows.shape[0]} rows "
                                "of scales were supplied; this model changes its batch inside the blocks.")
@@ -77,6 +86,34 @@ def _scaled_forward(original: Callable, active: _ActiveRows, gates: list[tuple[i
         return out * active.factor(key, lambda: build(out))
 
     return forward
+
+
+_FIRST_ROWS: "weakref.WeakKeyDictionary[Any, Optional[torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _check_cached_rows(key: str, cache: Any, rows: Optional[torch.Tensor]) -> None:
+    """Refuse scales that a row cache (see ``Family.row_caches``) would drop: rows that differ from each other, or
+    from the first call that filled the cache (an active range that starts or ends mid-run, a varying ensemble)."""
+    if rows is not None and rows.shape[0] > 1 and not bool(torch.all(rows == rows[:1])):
+        raise RuntimeError(f"Calibri: ComfyUI's {key!r} (set by a cache node on this MODEL) reuses batch row 0's "
+                           "results for every row, so the rows of this ensemble or search batch would all get "
+                           "row 0's calibration in that part of the model. Remove the cache node, or use one "
+                           "calibration with CalibriApply over the whole schedule.")
+    first = rows[:1] if rows is not None else None
+    try:
+        if not getattr(cache, "slots", True):  # emptied (PoseBranchCache.free() runs after every sampling run)
+            _FIRST_ROWS[cache] = first
+        seen = _FIRST_ROWS.setdefault(cache, first)
+    except TypeError:  # not weak-referenceable: nothing to remember it by, so no later call can be checked
+        return
+    same = (seen is None and first is None) or (
+        seen is not None and first is not None and seen.shape == first.shape and bool(torch.equal(seen, first)))
+    if not same:
+        raise RuntimeError(f"Calibri: ComfyUI's {key!r} (set by a cache node on this MODEL) computed part of the "
+                           "model at the first step and reuses it, but the calibration changes during this run "
+                           "(start_percent/end_percent, or another calibration on the same cache), so that part "
+                           "would keep the first step's scales. Remove the cache node, or set start_percent 0 and "
+                           "end_percent 1.")
 
 
 def model_layout(model: Any) -> tuple[Family, SiteLayout]:
@@ -106,7 +143,7 @@ def apply_row_scales(model: Any, row_source: RowSource, *, output_weight: Option
     Returns:
         The patched clone.
     """
-    _, layout = model_layout(model)
+    family, layout = model_layout(model)
     patched = model.clone()
     active = _ActiveRows()
     by_module: dict[str, list[tuple[int, Gate]]] = {}
@@ -114,12 +151,16 @@ def apply_row_scales(model: Any, row_source: RowSource, *, output_weight: Option
         by_module.setdefault(gate.module, []).append((column, gate))
     for module, gates in by_module.items():
         key = f"diffusion_model.{module}.forward"
-        patched.add_object_patch(key, _scaled_forward(patched.get_model_object(key), active, gates, module))
+        patched.add_object_patch(key, _scaled_forward(patched.get_model_object(key), active, gates, module,
+                                                      family.stacked_batch_copies))
 
     def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         rows = row_source(transformer_options, x.shape[0])
         if rows is not None and bool(torch.all(rows == 1)):
             rows = None  # identity: leave the forward bit-identical and free
+        for key in family.row_caches:
+            if transformer_options.get(key) is not None:
+                _check_cached_rows(key, transformer_options[key], rows)
         previous = active.rows
         active.set(rows)
         try:

@@ -21,9 +21,10 @@ import torch
 
 log = logging.getLogger("calibri")
 
-# calibri family name → comfy.sd.CLIPType member name (comfy/sd.py, 0.3.75)
+# calibri family name → comfy.sd.CLIPType member name (comfy/sd.py, 0.3.75; OVIS and LONGCAT_IMAGE since 0.3.76)
 CLIP_TYPES = {"flux": "FLUX", "flux2": "FLUX", "chroma": "CHROMA", "sd3": "SD3", "qwen_image": "QWEN_IMAGE",
-              "lumina2": "LUMINA2", "z_image": "LUMINA2", "wan": "WAN", "hidream": "HIDREAM"}
+              "lumina2": "LUMINA2", "z_image": "LUMINA2", "wan": "WAN", "hidream": "HIDREAM",
+              "ovis_image": "OVIS", "longcat_image": "LONGCAT_IMAGE"}
 
 
 class TextEncoder(Protocol):

@@ -7,7 +7,8 @@ layout) and changes the model so that those gates are multiplied by their scales
 * Flux.2 and Chroma (shared modulation): a pre-hook scales ``.gate`` of the ModulationOut each block receives;
 * Lumina2 / Z-Image (tanh gates): a hook on the adaLN output replaces g by atanh(s·tanh(g)), so the
   post-tanh gate is s·tanh(g);
-* Wan: a pre-hook rewrites the block's ``e`` with comfyui.md's identity e' = s·e + (s−1)·modulation.
+* Wan: a pre-hook rewrites the block's ``e`` with comfyui.md's identity e' = s·e + (s−1)·modulation;
+  blocks that are not called through ``forward`` (Wan Animate 2) scale the gate their ``_modulation`` returns.
 """
 
 from __future__ import annotations
@@ -96,10 +97,41 @@ def _wan_hooks(dm, gates: list[Gate], scales: dict[int, float]) -> None:
 
 REFERENCES = {
     "flux": _fold_weights, "sd3": _fold_weights, "qwen_image": _fold_weights,
+    "longcat_image": _fold_weights, "ovis_image": _fold_weights,
     "flux2": _flux_block_hooks, "chroma": _flux_block_hooks,
     "lumina2": _tanh_gate_hooks, "z_image": _tanh_gate_hooks,
     "wan": _wan_hooks,
 }
+
+
+def _wan_gate_source(dm, gates: list[Gate], scales: dict[int, float]) -> None:
+    """Wan, every variant. Blocks that build their modulation in ``_modulation`` (Wan Animate 2, whose blocks run
+    through forward_pose / forward_gen, so a forward pre-hook never fires) get that method wrapped on the
+    instance so it returns s·gate (chunks 2 and 5, ``modulation`` included) to every branch that asks;
+    all other blocks get ``_wan_hooks``'s pre-hook on ``e``."""
+    hooked: dict[int, float] = {}
+    by_block: dict[str, dict[str, float]] = {}
+    for index, s in scales.items():
+        gate = gates[index]
+        if hasattr(_get(dm, gate.block), "_modulation"):
+            by_block.setdefault(gate.block, {})[gate.branch] = s
+        else:
+            hooked[index] = s
+    for block, per_branch in by_block.items():
+        module = _get(dm, block)
+
+        def _modulation(e, x, original=module._modulation, per_branch=per_branch):
+            chunks = list(original(e, x))
+            for branch, k in (("attn", 2), ("mlp", 5)):
+                if branch in per_branch:
+                    chunks[k] = chunks[k] * per_branch[branch]
+            return tuple(chunks)
+
+        module._modulation = _modulation
+    _wan_hooks(dm, gates, hooked)
+
+
+REFERENCES["wan"] = _wan_gate_source
 
 
 def reference_patcher(family: str, scales: dict[int, float], seed: int = 0):

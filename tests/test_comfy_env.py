@@ -248,3 +248,25 @@ def test_serve_smoke_boots_comfyui_with_the_pack():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "Calibri smoke report" in r.stdout and "\nOK" in r.stdout
+
+
+def test_host_requirements_pin_torch_and_add_unlisted_imports(tmp_path):
+    host = make_comfy(tmp_path / "ComfyUI")
+    (host / "requirements.txt").write_text("torch\ntorchvision\ntorchaudio\nnumpy>=1.25.0\n# comment\naiohttp\n")
+    lines = comfy_env.host_requirements(comfy_env.Host(host, "env", "9.9.9"))
+    # torch, torchvision and torchaudio are installed as the tested pins, never as whatever pip resolves
+    assert lines == ["numpy>=1.25.0", "aiohttp", "requests"]
+    (host / "requirements.txt").write_text("requests>=2\n")
+    assert comfy_env.host_requirements(comfy_env.Host(host, "env", "9.9.9")) == ["requests>=2"]
+
+
+def test_smoke_reports_failure_without_success_lines_when_the_server_never_answers(tmp_path):
+    host = make_comfy(tmp_path / "ComfyUI")
+    (host / "main.py").write_text("import sys\nsys.exit(3)\n")
+    (host / "requirements.txt").write_text("")
+    env = dict(os.environ, COMFYUI_PATH=str(host))
+    r = subprocess.run([sys.executable, "-m", "calibri_core.comfy_env", "serve", "--smoke"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAILED" in r.stdout and "server exited with code 3" in r.stdout
+    assert "pack nodes:" not in r.stdout and "\nOK" not in r.stdout

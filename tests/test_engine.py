@@ -38,7 +38,7 @@ def random_scales(n: int, seed: int = 0) -> list[float]:
 
 def test_family_detected(family, patcher):
     detected, layout = model_layout(patcher)
-    assert detected.name == {"wan22": "wan"}.get(family, family)
+    assert detected.name == tm.family_of(family)
     assert layout.gates
 
 
@@ -90,6 +90,8 @@ def _zero_block_calibration(layout, block):
 
 DIT_BLOCKS = {  # family → (block site, ComfyUI 'dit' replace key) for ComfyUI's own block skip
     "flux": [("double_blocks.1", ("double_block", 1)), ("single_blocks.0", ("single_block", 0))],
+    "longcat_image": [("double_blocks.0", ("double_block", 0)), ("single_blocks.1", ("single_block", 1))],
+    "ovis_image": [("double_blocks.1", ("double_block", 1)), ("single_blocks.0", ("single_block", 0))],
     "flux2": [("double_blocks.0", ("double_block", 0)), ("single_blocks.1", ("single_block", 1))],
     "chroma": [("double_blocks.1", ("double_block", 1)), ("single_blocks.1", ("single_block", 1))],
     "sd3": [("joint_blocks.1", ("double_block", 1)), ("joint_blocks.3", ("double_block", 3))],

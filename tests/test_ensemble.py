@@ -44,7 +44,7 @@ def _expected(patcher, layout, members, x, positive, negative):
     return out
 
 
-@pytest.fixture(scope="module", params=["flux", "sd3", "qwen_image", "wan"])
+@pytest.fixture(scope="module", params=["flux", "sd3", "qwen_image", "qwen_edit_index", "qwen_edit_2511", "wan"])
 def setup(request):
     family = request.param
     patcher = tm.build_patcher(family)

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+QWEN_CLASS = "comfy.ldm.qwen_image.model.QwenImageTransformer2DModel"
+QWEN_UNET = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                 attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+FLUX_PARAMS = "comfy.ldm.flux.model.FluxParams"
+FLUX1_NEWER_FIELDS = {"txt_ids_dims": []}  # required since ComfyUI 0.3.76 (Flux.2: [3])
 FLUX_BASE = dict(in_channels=16, out_channels=16, vec_in_dim=24, context_in_dim=32, hidden_size=64, mlp_ratio=4.0,
                  num_heads=4, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6], theta=10000, patch_size=2,
                  qkv_bias=True, guidance_embed=True)
@@ -24,29 +29,49 @@ class TinySpec:
     guidance: float | None = None
     tanh_gates: bool = False          # keep |tanh(gate)| small so the atanh reference stays defined
     text_mask: bool = False           # pass an all-ones attention_mask (older ComfyUI reads num_tokens from it)
+    params: str = ""                  # "module.Class" of the model's params dataclass, when it has one
+    newer_fields: dict | None = None  # params fields later ComfyUIs require and older ones reject: passed only
+    #                                   where the host's dataclass declares them
+    family: str = ""                  # the calibri family detect() must report (default: the spec's key)
+    reference_latents: int = 0        # edit models: how many reference latents (the latent's shape) to condition on
+    reference_method: str = ""        # reference_latents_method put in the conditioning ("" = the model's default)
+    needs: tuple = ()                 # ("module.Class", "kwarg"): skip on hosts whose class lacks that kwarg
 
 
 SPECS = {
-    "flux": TinySpec("Flux", dict(FLUX_BASE, image_model="flux"), (16, 8, 8), (5, 32), pooled=24, guidance=3.5),
+    "flux": TinySpec("Flux", dict(FLUX_BASE, image_model="flux"), (16, 8, 8), (5, 32), pooled=24, guidance=3.5,
+                     params=FLUX_PARAMS, newer_fields=FLUX1_NEWER_FIELDS),
+    # Flux-class models that are not FLUX.1 (ComfyUI >= 0.3.76), detected from their params as ComfyUI does.
+    "longcat_image": TinySpec("LongCatImage", dict(FLUX_BASE, image_model="flux", guidance_embed=False, vec_in_dim=None,
+                                                   context_in_dim=3584, txt_ids_dims=[1, 2]),
+                              (16, 8, 8), (5, 3584)),
+    "ovis_image": TinySpec("Flux", dict(FLUX_BASE, image_model="flux", guidance_embed=False, vec_in_dim=None,
+                                        yak_mlp=True, txt_norm=True, txt_ids_dims=[1, 2]),
+                           (16, 8, 8), (5, 32), needs=(FLUX_PARAMS, "yak_mlp")),
     "flux2": TinySpec("Flux2", dict(FLUX_BASE, image_model="flux2", in_channels=32, out_channels=32, vec_in_dim=None,
                                     mlp_ratio=3.0, axes_dim=[4, 4, 4, 4], theta=2000, patch_size=1, qkv_bias=False,
                                     global_modulation=True, mlp_silu_act=True, ops_bias=False),
-                      (32, 4, 4), (5, 32), guidance=3.5),
+                      (32, 4, 4), (5, 32), guidance=3.5, params=FLUX_PARAMS, newer_fields={"txt_ids_dims": [3]}),
     "chroma": TinySpec("Chroma", dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=32,
                                       hidden_size=64, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6],
                                       theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=32,
                                       n_layers=2, mlp_ratio=4.0),
-                       (16, 8, 8), (5, 32)),
+                       (16, 8, 8), (5, 32), params="comfy.ldm.chroma.model.ChromaParams",
+                       newer_fields={"txt_ids_dims": [], "vec_in_dim": None}),
     "sd3": TinySpec("SD3", dict(in_channels=16, out_channels=16, patch_size=2, depth=4, adm_in_channels=32,
                                 context_embedder_config={"target": "torch.nn.Linear",
                                                          "params": {"in_features": 48, "out_features": 256}},
                                 num_patches=256, pos_embed_max_size=16, qk_norm="rms", x_block_self_attn_layers=[0, 1],
                                 input_size=None, pos_embed_scaling_factor=None),
                     (16, 8, 8), (5, 48), pooled=32),
-    "qwen_image": TinySpec("QwenImage", dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16,
-                                             num_layers=2, attention_head_dim=16, num_attention_heads=4,
-                                             joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
-                           (16, 1, 8, 8), (5, 32)),
+    "qwen_image": TinySpec("QwenImage", QWEN_UNET, (16, 1, 8, 8), (5, 32)),
+    # Qwen-Image-Edit with the reference image appended as tokens ("index", the 2509 default) and 2511's
+    # "index_timestep_zero", which doubles the timestep batch inside the model ([t, 0·t]).
+    "qwen_edit_index": TinySpec("QwenImage", QWEN_UNET, (16, 1, 8, 8), (5, 32), family="qwen_image",
+                                reference_latents=1, reference_method="index"),
+    "qwen_edit_2511": TinySpec("QwenImage", dict(QWEN_UNET, default_ref_method="index_timestep_zero"),
+                               (16, 1, 8, 8), (5, 32), family="qwen_image", reference_latents=1,
+                               needs=(QWEN_CLASS, "default_ref_method")),
     "lumina2": TinySpec("Lumina2", dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=2,
                                         n_refiner_layers=1, n_heads=4, n_kv_heads=2, multiple_of=16,
                                         ffn_dim_multiplier=4.0, qk_norm=True, cap_feat_dim=32, axes_dims=[4, 6, 6],
@@ -65,9 +90,34 @@ SPECS = {
     "wan22": TinySpec("WAN22_T2V", dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), in_dim=48,
                                         dim=64, ffn_dim=128, freq_dim=32, text_dim=32, out_dim=48, num_heads=4,
                                         num_layers=2),
-                      (48, 3, 8, 8), (5, 32)),
+                      (48, 3, 8, 8), (5, 32), family="wan"),
 }
 FAMILIES = tuple(SPECS)
+
+
+def family_of(spec_name: str) -> str:
+    """The calibri family a tiny spec's model belongs to."""
+    return SPECS[spec_name].family or spec_name
+
+
+def host_fields(params: str, fields: dict) -> dict:
+    """The entries of ``fields`` that this host's params dataclass ``params`` ("module.Class") declares."""
+    import dataclasses
+    import importlib
+
+    module, name = params.rsplit(".", 1)
+    declared = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    return {k: v for k, v in fields.items() if k in declared}
+
+
+def flux1_unet(unet: dict) -> dict:
+    """Flux.1 model kwargs plus the params fields this host requires (for models built outside SPECS)."""
+    return dict(unet, **host_fields(FLUX_PARAMS, FLUX1_NEWER_FIELDS))
+
+
+def host_unet_config(spec: TinySpec, overrides: dict) -> dict:
+    """The spec's model kwargs plus those of its ``newer_fields`` that this host declares, then ``overrides``."""
+    return dict(spec.unet, **(host_fields(spec.params, spec.newer_fields) if spec.newer_fields else {}), **overrides)
 
 
 def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
@@ -80,7 +130,11 @@ def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, 
         import pytest
 
         pytest.skip(f"{family}: this ComfyUI has no {spec.config} model (added in a later ComfyUI version)")
-    config = getattr(supported, spec.config)(dict(spec.unet, **overrides))
+    if spec.needs and not _accepts_kwarg(*spec.needs):
+        import pytest
+
+        pytest.skip(f"{family}: this ComfyUI's {spec.needs[0]} has no {spec.needs[1]!r} (added in a later version)")
+    config = getattr(supported, spec.config)(host_unet_config(spec, overrides))
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
@@ -92,6 +146,14 @@ def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, 
                 if "adaLN_modulation" in name:
                     tensor.mul_(0.1)
     return model.to(dtype)
+
+
+def _accepts_kwarg(class_path: str, kwarg: str) -> bool:
+    import importlib
+    import inspect
+
+    module, name = class_path.rsplit(".", 1)
+    return kwarg in inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
 
 
 def build_patcher(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
@@ -111,6 +173,11 @@ def conditioning(family: str, seed: int = 1, batch: int = 1) -> list:
         options["attention_mask"] = torch.ones(batch, spec.context[0], dtype=torch.long)
     if spec.guidance is not None:
         options["guidance"] = spec.guidance
+    if spec.reference_latents:
+        options["reference_latents"] = [torch.randn((batch,) + spec.latent, generator=generator)
+                                         for _ in range(spec.reference_latents)]
+    if spec.reference_method:
+        options["reference_latents_method"] = spec.reference_method
     return [[torch.randn((batch,) + spec.context, generator=generator), options]]
 
 
@@ -173,3 +240,35 @@ def sample(patcher, family: str, seed: int = 0, steps: int = 3, cfg: float = 1.0
     negative = conditioning(family, seed=12)
     return comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, empty,
                                seed=seed, disable_pbar=True)
+
+
+# Wan variants (tests/test_wan_variants.py). Added after FAMILIES so the per-family engine tests keep their list;
+# the extra conditioning each variant needs lives in that test module.
+_WAN_TINY = dict(image_model="wan2.1", patch_size=(1, 2, 2), in_dim=16, dim=64, ffn_dim=128, freq_dim=32, text_dim=32,
+                 out_dim=16, num_heads=4, num_layers=2)
+_WAN_LATENT = (16, 2, 8, 8)
+SPECS.update({
+    "wan_vace": TinySpec("WAN21_Vace", dict(_WAN_TINY, model_type="vace", vace_layers=1, vace_in_dim=96),
+                         _WAN_LATENT, (5, 32), family="wan"),
+    "wan_camera": TinySpec("WAN21_Camera", dict(_WAN_TINY, model_type="camera", in_dim=32, in_dim_control_adapter=24),
+                           _WAN_LATENT, (5, 32), family="wan"),
+    "wan_s2v": TinySpec("WAN22_S2V", dict(_WAN_TINY, model_type="s2v", audio_dim=32, num_audio_token=4,
+                                          audio_inject_layers=[0, 1]),
+                        _WAN_LATENT, (5, 32), family="wan"),
+    "wan_humo": TinySpec("WAN21_HuMo", dict(_WAN_TINY, model_type="humo"), _WAN_LATENT, (5, 32), family="wan"),
+    "wan_animate": TinySpec("WAN22_Animate", dict(_WAN_TINY, model_type="animate", in_dim=36), _WAN_LATENT, (5, 32),
+                            family="wan"),
+    # frame 0 is the reference-image slot; the pose video has the other two frames
+    "wan_animate2": TinySpec("WAN_Animate2", dict(_WAN_TINY, model_type="animate2", in_dim=36), (16, 3, 8, 8),
+                             (5, 32), family="wan"),
+    "wan_scail": TinySpec("WAN21_SCAIL", dict(_WAN_TINY, model_type="scail", in_dim=20), _WAN_LATENT, (5, 32),
+                          family="wan"),
+    "wan_scail2": TinySpec("WAN21_SCAIL2", dict(_WAN_TINY, model_type="scail2", in_dim=20, mask_in_dim=28),
+                           _WAN_LATENT, (5, 32), family="wan"),
+    "wan_dancer": TinySpec("WAN22_WanDancer", dict(_WAN_TINY, model_type="wandancer", in_dim=36,
+                                                   audio_inject_layers=[0, 1], music_dim=32, music_heads=4,
+                                                   music_latent_dim=32),
+                           _WAN_LATENT, (5, 32), family="wan"),
+    "wan_causal": TinySpec("WAN21_CausalAR_T2V", dict(_WAN_TINY, model_type="t2v"), _WAN_LATENT, (5, 32),
+                           family="wan"),
+})

@@ -19,9 +19,10 @@ __all__ = ["Family", "FAMILIES", "detect", "get_family", "stream_gates", "suppor
 def _registry() -> dict[str, Family]:
     from . import chroma, flux, flux2, lumina, qwen_image, sd3, wan
 
-    # Order matters where classes are shared: Flux.2 before Flux.1, Z-Image before Lumina2.
-    families = [flux2.FAMILY, flux.FAMILY, chroma.FAMILY, sd3.FAMILY, qwen_image.FAMILY,
-                lumina.Z_IMAGE, lumina.LUMINA2, wan.FAMILY]
+    # Families that share a class have exclusive ``accepts`` tests (Flux.1 / Flux.2 / LongCat / Ovis,
+    # Z-Image / Lumina2); the first match wins.
+    families = [flux2.FAMILY, flux.FAMILY, flux.LONGCAT_IMAGE, flux.OVIS_IMAGE, chroma.FAMILY, sd3.FAMILY,
+                qwen_image.FAMILY, lumina.Z_IMAGE, lumina.LUMINA2, wan.FAMILY]
     return {f.name: f for f in families}
 
 
@@ -48,6 +49,9 @@ def detect(diffusion_model: Any) -> tuple[Family, SiteLayout]:
     paths = _class_paths(diffusion_model)
     for family in FAMILIES.values():
         if paths.intersection(family.classes) and family.accepts(diffusion_model):
+            reason = family.refuse(diffusion_model)
+            if reason:
+                raise ValueError(reason)
             return family, family.layout(family.read_counts(diffusion_model))
     raise ValueError(f"Calibri: the connected model ({type(diffusion_model).__module__}."
                      f"{type(diffusion_model).__qualname__}) is not a supported DiT. "

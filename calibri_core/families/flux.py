@@ -4,6 +4,10 @@ Every block owns its modulation Linear, whose output is (shift, scale, gate) × 
 and × 1 for single blocks. The engine multiplies the gate chunks of that output, which equals the
 reference's scaling of diffusers' ``norm1`` / ``norm1_context`` gate outputs. A single block has one
 gate over its fused attention+MLP output, so it is one site at every granularity.
+
+LongCat-Image and Ovis-Image (ComfyUI >= 0.3.76) are built from the same class with the same per-block
+modulation and gates, but are other models: each is its own family, so a FLUX.1 preset is never applied to
+them. ComfyUI tells them apart by their params alone (comfy/model_detection.py), and so do we.
 """
 
 from ..sites import Gate
@@ -25,12 +29,37 @@ def gates(counts: dict) -> list[Gate]:
     return double + single
 
 
+def _param(dm, name: str):
+    return getattr(getattr(dm, "params", None), name, None)
+
+
+def _is_ovis(dm) -> bool:  # a gated (SwiGLU) MLP and a text norm: Ovis-Image's markers
+    return bool(_param(dm, "yak_mlp")) and bool(_param(dm, "txt_norm"))
+
+
+def _is_longcat(dm) -> bool:  # Qwen2.5-VL text features (3584 wide) and no pooled vector
+    return _param(dm, "context_in_dim") == 3584 and _param(dm, "vec_in_dim") is None and not _is_ovis(dm)
+
+
+def _per_block_modulation(dm) -> bool:  # Flux.2 shares one modulation layer instead
+    return not hasattr(dm, "double_stream_modulation_img")
+
+
+_CLASSES = ("comfy.ldm.flux.model.Flux",)
+_DIT_BLOCKS = {"double_block": "double_blocks", "single_block": "single_blocks"}
+
 FAMILY = Family(
     name="flux",
     title="Flux.1 dev/schnell/Kontext",
-    classes=("comfy.ldm.flux.model.Flux",),
-    accepts=lambda dm: not hasattr(dm, "double_stream_modulation_img"),
+    classes=_CLASSES,
+    accepts=lambda dm: _per_block_modulation(dm) and not _is_ovis(dm) and not _is_longcat(dm),
     read_counts=read_counts,
     gates=gates,
-    dit_blocks={"double_block": "double_blocks", "single_block": "single_blocks"},
+    dit_blocks=_DIT_BLOCKS,
 )
+LONGCAT_IMAGE = Family(name="longcat_image", title="LongCat-Image", classes=_CLASSES,
+                       accepts=lambda dm: _per_block_modulation(dm) and _is_longcat(dm),
+                       read_counts=read_counts, gates=gates, dit_blocks=_DIT_BLOCKS)
+OVIS_IMAGE = Family(name="ovis_image", title="Ovis-Image", classes=_CLASSES,
+                    accepts=lambda dm: _per_block_modulation(dm) and _is_ovis(dm),
+                    read_counts=read_counts, gates=gates, dit_blocks=_DIT_BLOCKS)

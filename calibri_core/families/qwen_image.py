@@ -3,6 +3,14 @@
 Each block has ``img_mod`` and ``txt_mod`` (SiLU, Linear D→6D); the Linear output is
 (shift, scale, gate) for attention then (shift, scale, gate) for the MLP, so gates are chunks 2 and 5.
 Scaling them equals the reference's scaling of ``attn`` and ``img_mlp``/``txt_mlp`` outputs.
+
+Qwen-Image-Edit-2511 (reference method ``index_timestep_zero``, ComfyUI >= 0.3.76) runs ``img_mod`` on the
+timesteps ``cat([t, 0·t])``: 2B rows, the second half modulating the reference-image tokens of the same
+sample. Both halves are that sample's gates, so both take its scales (``stacked_batch_copies``).
+
+The last block's text stream is computed and thrown away (only the image tokens reach ``proj_out``), so its two
+text gates are inert on their own. They stay in the layout because the reference's vectors (4 gates per block)
+have them.
 """
 
 from ..sites import Gate
@@ -28,4 +36,7 @@ FAMILY = Family(
     read_counts=read_counts,
     gates=gates,
     dit_blocks={"double_block": "transformer_blocks"},
+    stacked_batch_copies=True,
+    discarded=lambda counts: tuple(f"transformer_blocks.{counts['transformer_blocks'] - 1}.txt.{branch}"
+                                   for branch in BRANCHES),
 )

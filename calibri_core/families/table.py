@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ..sites import Gate, SiteLayout
 
@@ -22,6 +22,15 @@ class Family:
         ungated: branches that add to the residual without a gate, left untouched by design.
         dit_blocks: ComfyUI's ``patches_replace["dit"]`` block names (as SkipLayerGuidanceDiT's
             double/single layers use them) → our block containers; empty where the model ignores them.
+        stacked_batch_copies: the model may run gate modules on k stacked copies of the batch
+            (``cat([t, 0·t])`` timesteps); every copy of a row is scaled like that row.
+        discarded: gate-granularity sites (for given counts) whose branch feeds nothing the model returns, kept
+            only so that vectors keep the reference's layout; scaling them alone cannot change the output.
+        refuse: optional check on an accepted diffusion model; returns why Calibri cannot calibrate it
+            (detection then raises ValueError with that reason) or None.
+        row_caches: ``transformer_options`` keys of host caches that compute part of the model once, from batch
+            row 0 at the first call, and reuse it for every row and step; with one present the engine refuses
+            scales that differ between rows or between calls, which the cache would silently drop.
     """
 
     name: str
@@ -32,6 +41,10 @@ class Family:
     accepts: Callable[[Any], bool] = lambda dm: True
     ungated: str = ""
     dit_blocks: dict = field(default_factory=dict)
+    stacked_batch_copies: bool = False
+    discarded: Callable[[dict], tuple[str, ...]] = lambda counts: ()
+    refuse: Callable[[Any], Optional[str]] = lambda dm: None
+    row_caches: tuple[str, ...] = ()
 
     def layout(self, counts: dict) -> SiteLayout:
         return SiteLayout(self.name, dict(counts), tuple(self.gates(counts)))

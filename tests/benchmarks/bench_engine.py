@@ -36,6 +36,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+sys.path.append(str(ROOT / "tests"))
+from tiny_models import flux1_unet  # noqa: E402
+
 # Model shapes. CPU: small Flux. GPU: Flux.1 dev architecture (12B parameters).
 FLUX_CPU = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
                 hidden_size=512, mlp_ratio=4.0, num_heads=8, depth=4, depth_single_blocks=8, axes_dim=[16, 24, 24],
@@ -62,7 +65,7 @@ def build_patcher(setup: dict, seed: int = 0):
     import comfy.supported_models
 
     device = torch.device(setup["device"])
-    config = comfy.supported_models.Flux(dict(setup["unet"]))
+    config = comfy.supported_models.Flux(flux1_unet(setup["unet"]))
     config.set_inference_dtype(setup["dtype"], None)
     model = config.get_model({}, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -34,6 +34,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+sys.path.append(str(ROOT / "tests"))
+from tiny_models import flux1_unet  # noqa: E402
+
 FLUX_CPU = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=256,
                 hidden_size=256, mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=4, axes_dim=[16, 24, 24],
                 theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
@@ -52,7 +55,7 @@ def build_patcher(setup: dict):
     import comfy.supported_models as supported
 
     device = torch.device(setup["device"])
-    config = supported.Flux(dict(setup["unet"]))
+    config = supported.Flux(flux1_unet(setup["unet"]))
     config.set_inference_dtype(setup["dtype"], None)
     with torch.device(device):
         model = config.get_model({}, device=device)
