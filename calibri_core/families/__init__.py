@@ -40,19 +40,28 @@ def supported_families() -> str:
     return ", ".join(f"{f.name} ({f.title})" for f in FAMILIES.values())
 
 
-def _class_paths(obj: Any) -> set[str]:
-    return {f"{c.__module__}.{c.__qualname__}" for c in type(obj).__mro__}
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def detect(diffusion_model: Any) -> tuple[Family, SiteLayout]:
-    """Recognise a ComfyUI diffusion model (``model.model.diffusion_model``) and read its layout."""
-    paths = _class_paths(diffusion_model)
+    """Recognise a ComfyUI diffusion model (``model.model.diffusion_model``) and read its layout.
+
+    A family covers exactly the classes its table lists. A subclass of one of them that is not listed is refused
+    by name rather than taken for its base: a variant may route its blocks another way (Wan Animate 2 calls its
+    attention through other methods) and leave a site without effect.
+    """
+    path = _class_path(type(diffusion_model))
     for family in FAMILIES.values():
-        if paths.intersection(family.classes) and family.accepts(diffusion_model):
-            reason = family.refuse(diffusion_model)
-            if reason:
-                raise ValueError(reason)
+        if path in family.classes and family.accepts(diffusion_model):
             return family, family.layout(family.read_counts(diffusion_model))
-    raise ValueError(f"Calibri: the connected model ({type(diffusion_model).__module__}."
-                     f"{type(diffusion_model).__qualname__}) is not a supported DiT. "
+    ancestors = {_class_path(c) for c in type(diffusion_model).__mro__[1:]}
+    bases = [f for f in FAMILIES.values() if ancestors.intersection(f.classes)]
+    if bases:
+        verified = sorted({c.rsplit(".", 1)[1] for f in bases for c in f.classes})
+        raise ValueError(f"Calibri: the connected model ({path}) is a variant of "
+                         f"{' / '.join(dict.fromkeys(f.title for f in bases))} that Calibri has not verified: its "
+                         f"blocks may reach the residual some other way and leave a calibration without effect, so "
+                         f"it is refused rather than calibrated wrongly. Verified classes: {', '.join(verified)}.")
+    raise ValueError(f"Calibri: the connected model ({path}) is not a supported DiT. "
                      f"Supported families: {supported_families()}.")

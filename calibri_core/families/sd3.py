@@ -52,7 +52,7 @@ def gates(counts: dict) -> list[Gate]:
 FAMILY = Family(
     name="sd3",
     title="SD3 / SD3.5 Medium / SD3.5 Large",
-    classes=("comfy.ldm.modules.diffusionmodules.mmdit.MMDiT",),
+    classes=("comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper",),
     read_counts=read_counts,
     gates=gates,
     dit_blocks={"double_block": "joint_blocks"},

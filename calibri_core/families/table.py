@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from ..sites import Gate, SiteLayout
 
@@ -15,7 +15,8 @@ class Family:
     Args:
         name: the id stored in presets (``flux``, ``sd3``, ...).
         title: what users call the models it covers.
-        classes: ComfyUI class paths (``module.Class``) whose instances (or subclasses) belong here.
+        classes: ComfyUI class paths (``module.Class``) of the diffusion models this table was verified on, exactly
+            (subclasses are refused until listed: tests/test_no_inert_site.py checks every one a host has).
         read_counts: reads block counts etc. from a diffusion model; must be JSON-serialisable.
         gates: lists the gates for those counts, in the model's block order.
         accepts: optional extra test on the diffusion model (e.g. Flux.2 vs Flux.1 share a class).
@@ -26,8 +27,6 @@ class Family:
             (``cat([t, 0·t])`` timesteps); every copy of a row is scaled like that row.
         discarded: gate-granularity sites (for given counts) whose branch feeds nothing the model returns, kept
             only so that vectors keep the reference's layout; scaling them alone cannot change the output.
-        refuse: optional check on an accepted diffusion model; returns why Calibri cannot calibrate it
-            (detection then raises ValueError with that reason) or None.
         row_caches: ``transformer_options`` keys of host caches that compute part of the model once, from batch
             row 0 at the first call, and reuse it for every row and step; with one present the engine refuses
             scales that differ between rows or between calls, which the cache would silently drop.
@@ -43,7 +42,6 @@ class Family:
     dit_blocks: dict = field(default_factory=dict)
     stacked_batch_copies: bool = False
     discarded: Callable[[dict], tuple[str, ...]] = lambda counts: ()
-    refuse: Callable[[Any], Optional[str]] = lambda dm: None
     row_caches: tuple[str, ...] = ()
 
     def layout(self, counts: dict) -> SiteLayout:

@@ -10,9 +10,8 @@ scales the whole gate where it meets its branch (``x + branch·gate``), per-toke
 the same blocks, so its gates are scaled alike. Cross-attention (and the audio / face / music injectors
 of some variants) is added ungated and is left untouched.
 
-Only the model classes below have been checked block by block (tests/test_wan_variants.py); any other
-subclass of WanModel is refused, since its blocks may reach the residual some other way and leave a
-site without effect.
+Only the model classes below have been checked block by block (tests/test_wan_variants.py); detection
+refuses any other subclass of WanModel by name.
 """
 
 from ..sites import Gate
@@ -45,22 +44,12 @@ def gates(counts: dict) -> list[Gate]:
             for i in range(counts["blocks"]) for branch, module in BRANCHES.items()]
 
 
-def refuse(dm):
-    path = f"{type(dm).__module__}.{type(dm).__qualname__}"
-    if path in VERIFIED:
-        return None
-    return (f"Calibri: {path} is a Wan variant whose blocks have not been verified: Calibri scales the outputs of "
-            "blocks.i.self_attn.o and blocks.i.ffn, and a variant may route its blocks differently, leaving a gate "
-            f"unscaled. Verified Wan classes: {', '.join(sorted(p.rsplit('.', 1)[1] for p in VERIFIED))}.")
-
-
 FAMILY = Family(
     name="wan",
     title="Wan 2.1 / 2.2",
-    classes=("comfy.ldm.wan.model.WanModel",),
+    classes=VERIFIED,
     read_counts=read_counts,
     gates=gates,
-    refuse=refuse,
     row_caches=("animate2_cache",),  # WanAnimate2Cache: the pose branch from row 0 at the first step, reused
     dit_blocks={"double_block": "blocks"},
     ungated="cross-attention is added without a gate and is never scaled",
