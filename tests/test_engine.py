@@ -8,6 +8,7 @@ import pytest
 import tiny_models as tm
 import torch
 from engine_reference import reference_patcher
+from site_checks import gate_calibration
 
 from calibri_core import Calibration, Member
 from calibri_core.host import PATCH_KEY, ActiveRange, apply_calibration, apply_row_scales, model_layout
@@ -24,11 +25,6 @@ def family(request):
 @pytest.fixture(scope="module")
 def patcher(family):
     return tm.build_patcher(family)
-
-
-def gate_calibration(layout, scales) -> Calibration:
-    sites = layout.site_names("gate")
-    return Calibration(layout.family, "gate", sites, (Member(tuple(scales)),))
 
 
 def random_scales(n: int, seed: int = 0) -> list[float]:

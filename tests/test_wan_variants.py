@@ -14,14 +14,20 @@ import pytest
 import tiny_models as tm
 import torch
 from engine_reference import reference_patcher
+from site_checks import (
+    ATOL,
+    SIGMA,
+    assert_every_gate_matches_its_reference,
+    assert_identity_is_bit_identical,
+    assert_rows_carry_their_calibrations,
+    gate_calibration,
+)
 
-from calibri_core import Calibration, Member
+from calibri_core import Calibration
 from calibri_core.families import detect
 from calibri_core.families import wan as wan_table
 from calibri_core.host import apply_calibration, apply_row_scales, model_layout
 
-SIGMA = 0.7
-ATOL = 1e-5
 SCALE = 1.7
 
 
@@ -104,16 +110,6 @@ def conditioning(variant: str, seed: int = 1) -> list:
     return [[cross_attn, options]]
 
 
-def gate_calibration(layout, scales) -> Calibration:
-    return Calibration(layout.family, "gate", layout.site_names("gate"), (Member(tuple(scales)),))
-
-
-def one_gate(layout, index: int, scale: float = SCALE) -> Calibration:
-    scales = [1.0] * len(layout.gates)
-    scales[index] = scale
-    return gate_calibration(layout, scales)
-
-
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def variant(request):
     return request.param
@@ -149,36 +145,18 @@ def test_variant_is_detected_with_the_wan_layout(variant, patcher):
 
 
 def test_identity_is_bit_identical(variant, patcher, inputs, base):
-    _, layout = model_layout(patcher)
-    x, positive = inputs
-    for granularity in ("block", "layer", "gate"):
-        calibrated = apply_calibration(patcher, Calibration.identity(layout, granularity))
-        assert torch.equal(tm.predict(calibrated, x, SIGMA, positive), base), granularity
+    assert_identity_is_bit_identical(patcher, *inputs, base)
 
 
 def test_every_gate_alone_changes_the_prediction_and_matches_the_reference(variant, patcher, inputs, base):
-    _, layout = model_layout(patcher)
-    x, positive = inputs
-    for index, gate in enumerate(layout.gates):
-        ours = tm.predict(apply_calibration(patcher, one_gate(layout, index)), x, SIGMA, positive)
-        reference = tm.predict(reference_patcher(variant, {index: SCALE}), x, SIGMA, positive)
-        site = gate.name("gate")
-        assert (ours - base).abs().max() > 1e-4, f"{site} has no effect"
-        assert (reference - base).abs().max() > 1e-4, f"the reference of {site} has no effect"
-        assert (ours - reference).abs().max() <= ATOL, site
+    assert_every_gate_matches_its_reference(patcher, *inputs, base, lambda scales: reference_patcher(variant, scales),
+                                            SCALE)
 
 
 def test_rows_of_one_batch_carry_different_calibrations(variant, patcher):
     """Per-row scales (ensembles, the search) reach every branch of the variant's blocks, pose branches included."""
-    _, layout = model_layout(patcher)
-    n = len(layout.gates)
-    rows = torch.tensor([[0.6, 1.3, 1.5, 0.8][:n], [1.4, 0.7, 0.9, 1.2][:n]], dtype=torch.float32)
-    x, positive = tm.latent(variant, batch=2), conditioning(variant)
-    both = tm.predict(apply_row_scales(patcher, lambda options, batch: rows), x, SIGMA, positive)
-    for i in range(2):
-        alone = tm.predict(apply_calibration(patcher, gate_calibration(layout, rows[i].tolist())), x[i:i + 1], SIGMA,
-                           positive)
-        assert (both[i:i + 1] - alone).abs().max() <= ATOL
+    rows = torch.tensor([[0.6, 1.3, 1.5, 0.8], [1.4, 0.7, 0.9, 1.2]], dtype=torch.float32)
+    assert_rows_carry_their_calibrations(patcher, rows, tm.latent(variant, batch=2), conditioning(variant))
 
 
 def _ar_video(patcher, x, positive):

@@ -272,3 +272,46 @@ SPECS.update({
     "wan_causal": TinySpec("WAN21_CausalAR_T2V", dict(_WAN_TINY, model_type="t2v"), _WAN_LATENT, (5, 32),
                            family="wan"),
 })
+
+# Z-Image variants (tests/test_lumina_variants.py), added after FAMILIES like the Wan variants. Omni is plain NextDiT
+# built with a SigLIP embedder and refiner and conditioned with a reference latent (its conditioning adds the
+# reference captions and CLIP-vision features); pixel space is NextDiTPixelSpace, an RGB-patch decoder head.
+_Z_IMAGE_TINY = dict(SPECS["z_image"].unet)
+SPECS.update({
+    "z_image_omni": TinySpec("ZImage", dict(_Z_IMAGE_TINY, siglip_feat_dim=24), (16, 8, 8), (7, 32), tanh_gates=True,
+                             text_mask=True, family="z_image", reference_latents=1,
+                             needs=("comfy.ldm.lumina.model.NextDiT", "siglip_feat_dim")),
+    "z_image_pixel": TinySpec("ZImagePixelSpace", dict(_Z_IMAGE_TINY, image_model="zimage_pixel", patch_size=4,
+                                                       in_channels=3, decoder_hidden_size=32,
+                                                       decoder_num_res_blocks=2, decoder_max_freqs=4,
+                                                       decoder_in_channels=48),
+                              (3, 16, 16), (7, 32), tanh_gates=True, text_mask=True, family="z_image"),
+})
+
+# Flux variants (tests/test_flux_variants.py), added after FAMILIES like the Wan variants. Chroma Radiance is Chroma
+# in pixel space with a NeRF head; the second spec takes the newer x0-prediction head (conv), sequential text ids and
+# a tiled NeRF pass. Flux.2 Klein (no guidance embedding; ComfyUI's detection sets default_ref_method "index" and
+# ref_index_scale 10) conditioned on one reference latent, by "index" and by "index_timestep_zero" (ComfyUI >= 0.3.76:
+# the model doubles the timesteps to [t, 0·t] and modulates the reference tokens with the t = 0 half).
+_CHROMA_RADIANCE_PARAMS = "comfy.ldm.chroma_radiance.model.ChromaRadianceParams"
+_CHROMA_RADIANCE_TINY = dict(SPECS["chroma"].unet, image_model="chroma_radiance", in_channels=3, out_channels=3,
+                             patch_size=4, nerf_hidden_size=16, nerf_mlp_ratio=2, nerf_depth=2, nerf_max_freqs=4,
+                             nerf_tile_size=512, nerf_final_head_type="linear", nerf_embedder_dtype=torch.float32)
+_KLEIN_TINY = dict(SPECS["flux2"].unet, guidance_embed=False, default_ref_method="index", ref_index_scale=10.0)
+SPECS.update({
+    "chroma_radiance": TinySpec("ChromaRadiance", _CHROMA_RADIANCE_TINY, (3, 16, 16), (5, 32),
+                                params=_CHROMA_RADIANCE_PARAMS, family="chroma",
+                                newer_fields={"txt_ids_dims": [], "vec_in_dim": None, "use_x0": False,
+                                              "use_sequential_txt_ids": False}),
+    "chroma_radiance_x0": TinySpec("ChromaRadiance", dict(_CHROMA_RADIANCE_TINY, nerf_final_head_type="conv",
+                                                          nerf_tile_size=8, use_x0=True, use_sequential_txt_ids=True),
+                                   (3, 16, 16), (5, 32), params=_CHROMA_RADIANCE_PARAMS, family="chroma",
+                                   newer_fields={"txt_ids_dims": [], "vec_in_dim": None},
+                                   needs=(_CHROMA_RADIANCE_PARAMS, "use_x0")),
+    "klein_ref_index": TinySpec("Flux2", _KLEIN_TINY, (32, 4, 4), (5, 32), params=FLUX_PARAMS,
+                                newer_fields={"txt_ids_dims": [3]}, family="flux2", reference_latents=1,
+                                reference_method="index"),
+    "klein_ref_timestep_zero": TinySpec("Flux2", _KLEIN_TINY, (32, 4, 4), (5, 32), params=FLUX_PARAMS,
+                                        newer_fields={"txt_ids_dims": [3]}, family="flux2", reference_latents=1,
+                                        reference_method="index_timestep_zero"),
+})

@@ -10,7 +10,7 @@ from .table import Family
 FAMILY = Family(
     name="chroma",
     title="Chroma / Chroma Radiance",
-    classes=("comfy.ldm.chroma.model.Chroma",),
+    classes=("comfy.ldm.chroma.model.Chroma", "comfy.ldm.chroma_radiance.model.ChromaRadiance"),
     read_counts=read_counts,
     gates=branch_gates,
     dit_blocks={"double_block": "double_blocks", "single_block": "single_blocks"},

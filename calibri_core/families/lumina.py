@@ -3,8 +3,13 @@
 Blocks add ``x + tanh(gate) · RMSNorm(branch)``. Scaling the adaLN output would scale the gate *before*
 the tanh, which is not the paper's operation; the engine multiplies the RMSNorm'd branch
 (``attention_norm2`` / ``ffn_norm2`` outputs), i.e. the post-tanh gate value where it meets its branch.
-Sites: the main ``layers`` and the gated ``noise_refiner`` blocks. The ``context_refiner`` blocks are
-ungated (``modulation=False``) and are never touched.
+Sites: the main ``layers`` and the gated ``noise_refiner`` blocks. The ``context_refiner`` blocks (and Z-Image
+Omni's ``siglip_refiner``) are ungated (``modulation=False``) and are never touched.
+
+Z-Image Omni (NextDiT with a SigLIP embedder, given reference latents) doubles its timesteps and gates each token
+slice with its own half of the modulation; the branch it multiplies keeps the batch, so scaling the branch scales
+both halves alike. Z-Image pixel space (``NextDiTPixelSpace``) has the same blocks and another output head.
+Both are verified in tests/test_lumina_variants.py.
 """
 
 from ..sites import Gate
@@ -28,10 +33,10 @@ def _is_z_image(dm) -> bool:
     return len(dm.layers[0].adaLN_modulation) == 1
 
 
-_UNGATED = "context_refiner blocks have no gates (modulation=False) and are left untouched"
+_UNGATED = "context_refiner (and siglip_refiner) blocks have no gates (modulation=False) and are left untouched"
 _CLASSES = ("comfy.ldm.lumina.model.NextDiT",)
 
-Z_IMAGE = Family(name="z_image", title="Z-Image", classes=_CLASSES, accepts=_is_z_image,
-                 read_counts=read_counts, gates=gates, ungated=_UNGATED)
+Z_IMAGE = Family(name="z_image", title="Z-Image", classes=_CLASSES + ("comfy.ldm.lumina.model.NextDiTPixelSpace",),
+                 accepts=_is_z_image, read_counts=read_counts, gates=gates, ungated=_UNGATED)
 LUMINA2 = Family(name="lumina2", title="Lumina-Image-2.0", classes=_CLASSES,
                  accepts=lambda dm: not _is_z_image(dm), read_counts=read_counts, gates=gates, ungated=_UNGATED)
