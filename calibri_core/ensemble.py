@@ -18,11 +18,16 @@ from .sites import SiteLayout
 
 @dataclass(frozen=True)
 class Term:
-    """One forward pass of an ensemble step: a prompt, the gate scales of its row, and its weight."""
+    """One forward pass of an ensemble step: a prompt, the gate scales of its row, and its weight.
+
+    ``member`` is the index of the first member the pass computes (-1: no member, the plain model pass); it names
+    the pass across steps wherever a pass needs an identity of its own (caches keyed by cond uuid).
+    """
 
     prompt: str
     row: tuple[float, ...]
     weight: float
+    member: int = -1
 
 
 def plan_terms(calibration: Calibration, layout: SiteLayout, active: bool, prompts=None) -> list[Term]:
@@ -39,12 +44,15 @@ def plan_terms(calibration: Calibration, layout: SiteLayout, active: bool, promp
     gates = len(layout.gates)
     rows = calibration.gate_scales(layout) if active else [[1.0] * gates for _ in calibration.members]
     merged: dict[tuple[str, tuple[float, ...]], float] = {}
-    for member, row in zip(calibration.members, rows):
+    first: dict[tuple[str, tuple[float, ...]], int] = {}
+    for index, (member, row) in enumerate(zip(calibration.members, rows)):
         if prompts is not None and member.prompt not in prompts:
             continue
         key = (member.prompt, tuple(row))
         merged[key] = merged.get(key, 0.0) + member.weight
-    return [Term(prompt, row, weight) for (prompt, row), weight in merged.items() if weight != 0.0]
+        first.setdefault(key, index)
+    return [Term(prompt, row, weight, first[(prompt, row)]) for (prompt, row), weight in merged.items()
+            if weight != 0.0]
 
 
 def first_positive_member(calibration: Calibration) -> int:
@@ -69,7 +77,7 @@ def rescale_reference(calibration: Calibration, layout: SiteLayout, active: bool
     for i, term in enumerate(terms):
         if (term.prompt, term.row) == ("positive", row):
             return i
-    terms.append(Term("positive", row, 0.0))
+    terms.append(Term("positive", row, 0.0, first))
     return len(terms) - 1
 
 

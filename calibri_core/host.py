@@ -13,6 +13,7 @@ APPLY_MODEL wrapper. Weights are never copied or modified, so LoRA weight patche
 
 from __future__ import annotations
 
+import uuid
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -130,7 +131,8 @@ def token_patch(model: Any) -> int:
     return int(patch[-1] if isinstance(patch, (tuple, list)) else patch)
 
 
-def apply_row_scales(model: Any, row_source: RowSource, *, output_weight: Optional[Callable] = None) -> Any:
+def apply_row_scales(model: Any, row_source: RowSource, *, output_weight: Optional[Callable] = None,
+                     active_range: "ActiveRange | None" = None) -> Any:
     """Clone ``model`` so every forward multiplies each gate by per-row scales.
 
     Args:
@@ -139,11 +141,13 @@ def apply_row_scales(model: Any, row_source: RowSource, *, output_weight: Option
             ``[1 or batch, gates]`` tensor in the layout's gate order, or None to run unscaled.
         output_weight: optional ``(transformer_options, batch_size) → [1 or batch] tensor | None``;
             multiplies the model's output (velocity) per row, paper §3.3's ω.
+        active_range: outside it the model runs unscaled (default: the whole schedule).
 
     Returns:
         The patched clone.
     """
     family, layout = model_layout(model)
+    active_range = ActiveRange() if active_range is None else active_range
     patched = model.clone()
     active = _ActiveRows()
     by_module: dict[str, list[tuple[int, Gate]]] = {}
@@ -155,7 +159,9 @@ def apply_row_scales(model: Any, row_source: RowSource, *, output_weight: Option
                                                       family.stacked_batch_copies))
 
     def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-        rows = row_source(transformer_options, x.shape[0])
+        # the schedule as this call samples it, shift nodes placed before or after included
+        inside = active_range.contains(transformer_options.get("sigmas"), executor.class_obj.model_sampling)
+        rows = row_source(transformer_options, x.shape[0]) if inside else None
         if rows is not None and bool(torch.all(rows == 1)):
             rows = None  # identity: leave the forward bit-identical and free
         for key in family.row_caches:
@@ -167,7 +173,7 @@ def apply_row_scales(model: Any, row_source: RowSource, *, output_weight: Option
             denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
             active.set(previous)
-        weight = output_weight(transformer_options, x.shape[0]) if output_weight else None
+        weight = output_weight(transformer_options, x.shape[0]) if output_weight and inside else None
         if weight is None or bool(torch.all(weight == 1)):
             return denoised
         # Flow models return x0 = x − σ·v; scaling v by ω is x + ω·(x0 − x) (see comfyui.md C).
@@ -192,26 +198,37 @@ class ActiveRange:
             raise ValueError(f"Calibri: need 0 ≤ start_percent ≤ end_percent ≤ 1; got {self.start_percent} and "
                              f"{self.end_percent}.")
 
-    def test(self, model: Any) -> Callable[[dict], bool]:
-        """A predicate on transformer_options: is the current sigma inside the range?
+    def contains(self, sigmas: Optional[torch.Tensor], model_sampling: Any) -> bool:
+        """Is the step at ``sigmas`` (the current timestep tensor) inside the range?
 
-        Uses the same window as ComfyUI's SkipLayerGuidanceDiT (σ_end ≤ σ ≤ σ_start), so an SLG
-        setting re-expressed as a calibration acts on exactly the same steps.
+        The percents are read on ``model_sampling`` as sampling uses it at this call, so a shift node placed
+        before or after the calibration moves the window the same way (ComfyUI's own cond ranges work so).
+        The window is SkipLayerGuidanceDiT's (σ_end ≤ σ ≤ σ_start), so an SLG setting re-expressed as a
+        calibration acts on exactly the same steps.
         """
-        if self.start_percent == 0.0 and self.end_percent == 1.0:
-            return lambda options: True
-        sampling = model.get_model_object("model_sampling")
-        sigma_start = float(sampling.percent_to_sigma(self.start_percent))
-        sigma_end = float(sampling.percent_to_sigma(self.end_percent))
+        if (self.start_percent == 0.0 and self.end_percent == 1.0) or sigmas is None:
+            return True
+        sigma_start, sigma_end = self._bounds(model_sampling)
+        sigma = float(sigmas.reshape(-1)[0])
+        return sigma_end <= sigma <= sigma_start
 
-        def inside(options: dict) -> bool:
-            sigmas = options.get("sigmas")
-            if sigmas is None:
-                return True
-            sigma = float(sigmas.reshape(-1)[0])
-            return sigma_end <= sigma <= sigma_start
+    def _bounds(self, model_sampling: Any) -> tuple[float, float]:
+        try:
+            cached = _RANGE_BOUNDS.get(model_sampling, {})
+        except TypeError:  # not weak-referenceable
+            cached = {}
+        if self not in cached:
+            cached[self] = (float(model_sampling.percent_to_sigma(self.start_percent)),
+                            float(model_sampling.percent_to_sigma(self.end_percent)))
+            try:
+                _RANGE_BOUNDS[model_sampling] = cached
+            except TypeError:
+                pass
+        return cached[self]
 
-        return inside
+
+_RANGE_BOUNDS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+"""model_sampling object → {ActiveRange: (σ_start, σ_end)}: percent_to_sigma once per schedule, not per step."""
 
 
 def apply_calibration(model: Any, calibration: Calibration, *, strength: float = 1.0,
@@ -232,9 +249,8 @@ def apply_calibration(model: Any, calibration: Calibration, *, strength: float =
     gates = torch.tensor(calibration.gate_scales(layout), dtype=torch.float32)
     row = 1 + strength * (gates - 1)
     weight = torch.tensor([1 + strength * (calibration.members[0].weight - 1)], dtype=torch.float32)
-    inside = active_range.test(model)
-    return apply_row_scales(model, lambda options, batch: row if inside(options) else None,
-                            output_weight=lambda options, batch: weight if inside(options) else None)
+    return apply_row_scales(model, lambda options, batch: row, output_weight=lambda options, batch: weight,
+                            active_range=active_range)
 
 
 # --- ensembles: one batch row per member ------------------------------------------------------------------------
@@ -264,17 +280,36 @@ def _with_member_rows(model_options: dict, rows: torch.Tensor) -> dict:
     return options
 
 
+def _own_identity(cond: list, member: int) -> list:
+    """``cond`` (a processed conditioning list) with uuids of its own for the pass of ``member``.
+
+    ComfyUI gives every entry of a conditioning one uuid, and caches (EasyCache, LazyCache) keep one result per
+    uuid; ensemble passes on one prompt must not share it, or a cache hands one member's result to all of them.
+    The new uuid is derived, so the same pass keeps the same identity at every step.
+    """
+    if member < 0:
+        return cond
+    return [dict(c, uuid=uuid.uuid5(c["uuid"], f"calibri-member-{member}")) if isinstance(c.get("uuid"), uuid.UUID)
+            else c for c in cond]
+
+
 def denoise_terms(model: Any, conds: list, rows: torch.Tensor, x: torch.Tensor, timestep: torch.Tensor,
-                  model_options: dict, low_vram: bool = False) -> list[torch.Tensor]:
+                  model_options: dict, low_vram: bool = False, members: Optional[list[int]] = None,
+                  calc: Optional[Callable] = None) -> list[torch.Tensor]:
     """x0 of every (cond, gate row) pair, through ComfyUI's own cond batching.
 
     By default all pairs go to one ``calc_cond_batch`` call, which packs them into as few forwards as
-    memory allows (one batch row per pair); ``low_vram`` runs one pair at a time.
+    memory allows (one batch row per pair); ``low_vram`` runs one pair at a time. ``members`` (the
+    ``Term.member`` of each pair) gives each pair a cond identity of its own. ``calc`` replaces
+    ``comfy.samplers.calc_cond_batch`` (a CALC_COND_BATCH wrapper passes its executor).
     """
-    import comfy.samplers
+    if calc is None:
+        import comfy.samplers
 
+        calc = comfy.samplers.calc_cond_batch
+    if members is not None:
+        conds = [_own_identity(cond, member) for cond, member in zip(conds, members)]
     if low_vram:
-        return [comfy.samplers.calc_cond_batch(model, [cond], x, timestep,
-                                               _with_member_rows(model_options, rows[i:i + 1]))[0]
+        return [calc(model, [cond], x, timestep, _with_member_rows(model_options, rows[i:i + 1]))[0]
                 for i, cond in enumerate(conds)]
-    return comfy.samplers.calc_cond_batch(model, conds, x, timestep, _with_member_rows(model_options, rows))
+    return calc(model, conds, x, timestep, _with_member_rows(model_options, rows))

@@ -16,8 +16,6 @@ from .calibration import Calibration
 from .ensemble import Term, combine_x0, first_positive_member, plan_terms, rescale_reference, rescale_to
 from .host import ActiveRange, denoise_terms, enable_member_rows, model_layout, token_patch
 
-_CALC_COND_BATCH = "sampler_calc_cond_batch_function"
-
 
 def _velocity(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return (x - x0) / sigma.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -25,6 +23,39 @@ def _velocity(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.T
 
 def _rows(terms: list[Term]) -> torch.Tensor:
     return torch.tensor([t.row for t in terms], dtype=torch.float32)
+
+
+# ComfyUI's CFG hooks (model_options keys): each acts on a cond/uncond pair that an exact ensemble does not have.
+_CFG_HOOKS = {
+    "sampler_calc_cond_batch_function": "replaces the cond/uncond batch",
+    "sampler_pre_cfg_function": "edits the cond/uncond predictions before CFG",
+    "sampler_cfg_function": "replaces the CFG formula",
+    "sampler_post_cfg_function": "edits the result of CFG",
+}
+
+
+def _hook_owner(fn: Any) -> str:
+    """Where a hook function was defined, e.g. ``SkipLayerGuidanceDiT.execute (comfy_extras.nodes_slg)``."""
+    name = getattr(fn, "__qualname__", type(fn).__qualname__).split(".<locals>")[0]
+    return f"{name} ({getattr(fn, '__module__', '?')})"
+
+
+def _refuse_cfg_hooks(model: Any) -> None:
+    """EnsembleGuider samples Σ ω_i f_i itself; a CFG hook on its model would be skipped, so it is refused by name."""
+    import comfy.patcher_extension
+
+    found = []
+    for key, what in _CFG_HOOKS.items():
+        hooks = model.model_options.get(key)
+        for fn in (hooks if isinstance(hooks, list) else [hooks] if hooks is not None else []):
+            found.append(f"{_hook_owner(fn)}, which {what} ({key})")
+    if model.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, ENSEMBLE_KEY):
+        found.append("CalibriEnsemble, which replaces the KSampler's passes with its own members")
+    if found:
+        raise ValueError("Calibri: CalibriEnsembleGuider cannot honour " + "; ".join(found) + ". The guider computes "
+                         "the ensemble F = Σ ω_i f_i exactly and has no cond/uncond pair for such a node to act on. "
+                         "Remove that node from this MODEL, or use CalibriEnsemble with the KSampler, which keeps "
+                         "ComfyUI's CFG and its hooks.")
 
 
 class EnsembleGuider(comfy.samplers.CFGGuider):
@@ -43,11 +74,12 @@ class EnsembleGuider(comfy.samplers.CFGGuider):
                  rescale: bool = False, low_vram: bool = False):
         _, self.layout = model_layout(model)
         calibration.check_against(self.layout)
+        _refuse_cfg_hooks(model)
         if rescale:
             first_positive_member(calibration)  # refuse before sampling, not at the first step
         super().__init__(enable_member_rows(model))
         self.calibration = calibration
-        self.inside = active_range.test(model)
+        self.active_range = active_range
         self.rescale = rescale
         self.low_vram = low_vram
         self.patch = token_patch(model)
@@ -56,11 +88,11 @@ class EnsembleGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds({"positive": positive, "negative": negative})
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        active = self.inside({"sigmas": timestep})
+        active = self.active_range.contains(timestep, self.inner_model.model_sampling)
         terms = plan_terms(self.calibration, self.layout, active)
         reference = rescale_reference(self.calibration, self.layout, active, terms) if self.rescale else None
         x0s = denoise_terms(self.inner_model, [self.conds.get(t.prompt) for t in terms], _rows(terms), x, timestep,
-                            model_options, self.low_vram)
+                            model_options, self.low_vram, members=[t.member for t in terms])
         out = combine_x0(x, x0s, [t.weight for t in terms])
         if reference is not None:
             sigma = timestep.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -69,39 +101,63 @@ class EnsembleGuider(comfy.samplers.CFGGuider):
         return out
 
 
+ENSEMBLE_KEY = "calibri_ensemble"
+
+
 def apply_ensemble(model: Any, calibration: Calibration, active_range: ActiveRange = ActiveRange()) -> Any:
     """Patch a clone of ``model`` so the KSampler's cond pass becomes Σ ω_i f_{s_i}(x, t, cond) over the
     positive members, and its uncond pass the same over the negative members. A pass with no members
     runs uncalibrated; the KSampler's CFG then combines the two passes as usual.
+
+    It is a CALC_COND_BATCH wrapper, so it composes with anything else that batches conds (a node that sets
+    ComfyUI's single ``sampler_calc_cond_batch_function`` slot, such as SkipLayerGuidanceDiTSimple, calls
+    ``calc_cond_batch`` and so runs through it, in either order). Which conditioning is positive is read from
+    the guider sampling at that moment (a PREDICT_NOISE wrapper), by identity, never by position; a pass
+    that is neither (DualCFGGuider's middle) runs uncalibrated.
     """
+    import comfy.patcher_extension
+
     _, layout = model_layout(model)
     calibration.check_against(layout)
-    if _CALC_COND_BATCH in model.model_options:
-        raise ValueError("Calibri: another node already replaced ComfyUI's cond batching on this model (e.g. "
-                         "SkipLayerGuidanceDiTSimple); CalibriEnsemble must own it. Put CalibriEnsemble before that "
-                         "node, or use CalibriEnsembleGuider.")
+    wrappers = comfy.patcher_extension.WrappersMP
+    if model.get_wrappers(wrappers.CALC_COND_BATCH, ENSEMBLE_KEY):
+        raise ValueError("Calibri: this MODEL already has a CalibriEnsemble; two would each replace the other's "
+                         "passes. Join the calibrations with CalibriCombine and use one CalibriEnsemble.")
     patched = enable_member_rows(model)
-    inside = active_range.test(model)
     identity = (1.0,) * len(layout.gates)
     has_members = {prompt: any(m.prompt == prompt for m in calibration.members) for prompt in ("positive", "negative")}
+    roles: dict[int, str] = {}  # id(processed cond list) → "positive" | "negative", while a guider predicts
 
-    def calc_cond_batch(args: dict) -> list:
-        x, sigma = args["input"], args["sigma"]
-        active = inside({"sigmas": sigma})
+    def predict_noise_wrapper(executor, *args, **kwargs):
+        conds = getattr(executor.class_obj, "conds", None) or {}
+        previous = dict(roles)
+        roles.clear()
+        roles.update({id(conds[role]): role for role in ("positive", "negative") if conds.get(role) is not None})
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            roles.clear()
+            roles.update(previous)
+
+    def calc_cond_batch_wrapper(executor, inner_model, conds, x, timestep, model_options):
+        if not roles:
+            raise RuntimeError("Calibri: CalibriEnsemble's model was asked for predictions outside a ComfyUI "
+                               "guider's predict_noise, so it cannot tell the positive conditioning from the "
+                               "negative. Sample it with KSampler / SamplerCustomAdvanced and a CFG-style guider.")
+        active = active_range.contains(timestep, inner_model.model_sampling)
         passes = []
-        for cond, prompt in zip(args["conds"], ("positive", "negative")):
+        for cond in conds:
+            role = roles.get(id(cond)) if cond is not None else None
             if cond is None:
                 passes.append(None)
-            elif has_members[prompt]:
-                passes.append((cond, plan_terms(calibration, layout, active, prompts={prompt})))
+            elif role is not None and has_members[role]:
+                passes.append((cond, plan_terms(calibration, layout, active, prompts={role})))
             else:
-                passes.append((cond, [Term(prompt, identity, 1.0)]))
-        flat = []
-        for p in passes:
-            if p is not None:
-                flat += [(p[0], term) for term in p[1]]
-        x0s = iter(denoise_terms(args["model"], [c for c, _ in flat], _rows([t for _, t in flat]), x, sigma,
-                                 args["model_options"]) if flat else [])
+                passes.append((cond, [Term(role or "", identity, 1.0)]))
+        flat = [(p[0], term) for p in passes if p is not None for term in p[1]]
+        x0s = iter(denoise_terms(inner_model, [c for c, _ in flat], _rows([t for _, t in flat]), x, timestep,
+                                 model_options, members=[t.member for _, t in flat], calc=executor)
+                   if flat else [])
         out = []
         for p in passes:
             if p is None:
@@ -111,5 +167,6 @@ def apply_ensemble(model: Any, calibration: Calibration, active_range: ActiveRan
                 out.append(combine_x0(x, [next(x0s) for _ in terms], [t.weight for t in terms]))
         return out
 
-    patched.set_model_sampler_calc_cond_batch_function(calc_cond_batch)
+    patched.add_wrapper_with_key(wrappers.PREDICT_NOISE, ENSEMBLE_KEY, predict_noise_wrapper)
+    patched.add_wrapper_with_key(wrappers.CALC_COND_BATCH, ENSEMBLE_KEY, calc_cond_batch_wrapper)
     return patched

@@ -17,6 +17,7 @@ nodes = pack.nodes
 import folder_paths  # noqa: E402  (ComfyUI's, importable once the host is active)
 
 from calibri_core.host import PATCH_KEY  # noqa: E402
+from calibri_core.sampling import ENSEMBLE_KEY  # noqa: E402
 
 SIGMA = 0.7
 
@@ -215,8 +216,8 @@ def test_ensemble_model_for_ksampler(patcher):
     ensemble = combine((one, 1.5, "positive"), (manual(patcher, "double_blocks.1 = 0.5"), -0.5, "positive"))
     out = nodes.CalibriEnsemble.execute(model=patcher, calibration=ensemble, start_percent=0.0, end_percent=1.0)[0]
     assert out is not patcher and PATCH_KEY in out.wrappers.get("apply_model", {})
-    assert "sampler_calc_cond_batch_function" in out.model_options
-    assert "sampler_calc_cond_batch_function" not in patcher.model_options
+    assert out.get_wrappers("calc_cond_batch", ENSEMBLE_KEY) and out.get_wrappers("predict_noise", ENSEMBLE_KEY)
+    assert not patcher.get_wrappers("calc_cond_batch", ENSEMBLE_KEY)
     base = tm.sample(patcher, "flux", seed=3, cfg=1.0)
     first = tm.sample(out, "flux", seed=3, cfg=1.0)
     assert torch.isfinite(first).all() and (first - base).abs().max() > 1e-4
