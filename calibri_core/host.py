@@ -33,19 +33,33 @@ RowSource = Callable[[dict, int], Optional[torch.Tensor]]
 class _ActiveRows:
     """The gate scales of the forward pass in flight, shared by a clone's patched forwards.
 
-    Each patched module's multiplier is cached for the rows tensor it was built from: a static calibration
-    hands the same tensor to every step, so its multipliers are built once per sampling run, not per step.
+    The rows go to the model's device once per forward (``set``), and each patched module builds its multiplier
+    from them there with device-side indexing: no host-to-device copy per module. A multiplier is cached for
+    the rows tensor it was built from; a static calibration hands the same tensor to every step, so its rows are
+    copied and its multipliers built once per sampling run, not per step.
     """
 
     def __init__(self) -> None:
-        self.rows: Optional[torch.Tensor] = None
-        self._built_for: Optional[torch.Tensor] = None
+        self.rows: Optional[torch.Tensor] = None  # the rows of the forward in flight, on the model's device
         self._factors: dict[tuple, torch.Tensor] = {}
+        self._source: Optional[torch.Tensor] = None  # the last row source tensor copied, and what came of it
+        self._copy: tuple[Optional[torch.Tensor], dict] = (None, {})
 
-    def set(self, rows: Optional[torch.Tensor]) -> None:
-        self.rows = rows
-        if rows is not None and rows is not self._built_for:
-            self._built_for, self._factors = rows, {}
+    def state(self) -> tuple:
+        return self.rows, self._factors
+
+    def restore(self, state: tuple) -> None:
+        self.rows, self._factors = state
+
+    def set(self, rows: Optional[torch.Tensor], device: torch.device) -> None:
+        if rows is None:
+            self.rows = None
+            return
+        copied, _ = self._copy
+        if rows is not self._source or copied is None or copied.device != device:
+            self._source = rows
+            self._copy = (rows.to(device=device, dtype=torch.float32, non_blocking=True), {})
+        self.rows, self._factors = self._copy
 
     def factor(self, key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         if key not in self._factors:
@@ -53,19 +67,44 @@ class _ActiveRows:
         return self._factors[key]
 
 
+class _DeviceIndex:
+    """A list of indices as a LongTensor on each device it is asked for (made once per device)."""
+
+    def __init__(self, values: list[int]) -> None:
+        self.values = values
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on:
+            self._on[device] = torch.tensor(self.values, dtype=torch.long, device=device)
+        return self._on[device]
+
+
+def _owns(out: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """May ``out`` be scaled in place? Only a fresh tensor: not a view, not one of the inputs, not needed by
+    autograd (an op may have saved it for backward)."""
+    if out.requires_grad or out._base is not None:
+        return False
+    inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    return not any(a is out or a.data_ptr() == out.data_ptr() for a in inputs)
+
+
 def _scaled_forward(original: Callable, active: _ActiveRows, gates: list[tuple[int, Gate]], module: str,
                     stacked_copies: bool) -> Callable:
     """Wrap one module's forward so that its gate slices are multiplied by the active row scales.
 
+    Where the whole output is the gated branch (``chunks == 1``), a fresh output is multiplied in place: the
+    scaled branch costs no second full-size activation.
+
     ``stacked_copies``: the family may run this module on k stacked copies of the batch ([rows; rows'], as
     Qwen-Image-Edit-2511's zero-timestep reference half); each copy of a row then takes that row's scales.
     """
-    columns = [column for column, _ in gates]
+    columns = _DeviceIndex([column for column, _ in gates])
     chunks = gates[0][1].chunks
-    chunk_of = [gate.chunk for _, gate in gates]
+    chunk_of = _DeviceIndex([gate.chunk for _, gate in gates])
 
     def build(out: torch.Tensor) -> torch.Tensor:
-        rows = active.rows.to(device=out.device, dtype=out.dtype)[:, columns]
+        rows = active.rows.to(dtype=out.dtype).index_select(1, columns.on(out.device))
         copies, remainder = divmod(out.shape[0], rows.shape[0])
         if stacked_copies and remainder == 0 and copies > 1:
             rows = rows.repeat(copies, 1)
@@ -75,7 +114,7 @@ def _scaled_forward(original: Callable, active: _ActiveRows, gates: list[tuple[i
         if chunks == 1:  # the whole output is the gated branch (or the gate): one scale per row
             return rows[:, 0].reshape((-1,) + (1,) * (out.ndim - 1))
         factor = torch.ones(rows.shape[0], chunks, device=out.device, dtype=out.dtype)
-        factor[:, chunk_of] = rows
+        factor.index_copy_(1, chunk_of.on(out.device), rows)
         factor = factor.repeat_interleave(out.shape[-1] // chunks, dim=1)
         return factor.reshape((factor.shape[0],) + (1,) * (out.ndim - 2) + (out.shape[-1],))
 
@@ -84,7 +123,10 @@ def _scaled_forward(original: Callable, active: _ActiveRows, gates: list[tuple[i
         if active.rows is None:
             return out
         key = (module, out.device, out.dtype, out.ndim, out.shape[0], out.shape[-1])
-        return out * active.factor(key, lambda: build(out))
+        factor = active.factor(key, lambda: build(out))
+        if chunks == 1 and _owns(out, args, kwargs):
+            return out.mul_(factor)
+        return out * factor
 
     return forward
 
@@ -167,12 +209,12 @@ def apply_row_scales(model: Any, row_source: RowSource, *, output_weight: Option
         for key in family.row_caches:
             if transformer_options.get(key) is not None:
                 _check_cached_rows(key, transformer_options[key], rows)
-        previous = active.rows
-        active.set(rows)
+        previous = active.state()
+        active.set(rows, x.device)
         try:
             denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
-            active.set(previous)
+            active.restore(previous)
         weight = output_weight(transformer_options, x.shape[0]) if output_weight and inside else None
         if weight is None or bool(torch.all(weight == 1)):
             return denoised
