@@ -9,6 +9,7 @@ Pure torch; no ComfyUI.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -81,11 +82,43 @@ def rescale_reference(calibration: Calibration, layout: SiteLayout, active: bool
     return len(terms) - 1
 
 
-def combine_x0(x: torch.Tensor, x0s: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """x0 of Σ ω_i f_i given each pass's x0 (exact for flow models, whatever Σω is)."""
-    out = x.clone()
-    for weight, x0 in zip(weights, x0s):
-        out = out + weight * (x0 - x)
+def combine_x0(x: torch.Tensor, x0s: Sequence[torch.Tensor], weights: Sequence[Union[float, torch.Tensor]],
+               pairs: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """x0 of Σ ω_i f_i given each pass's x0: x + Σ_i ω_i (x0_i − x), exact for flow models whatever Σω is.
+
+    A row of ``x`` whose only pass has ω exactly 1 takes that pass's x0 itself, bit-identical to the plain model.
+
+    Args:
+        x: the sampler's input, [B, ...].
+        x0s: the x0 of each forward pass; [B, ...] row for row with ``x``, or [n_i, ...] rows as ``pairs`` says.
+        weights: ω of each pass: a number for all its rows, or a [n_i] tensor (one per row).
+        pairs: for each pass, the row of ``x`` that each of its rows adds into (a [n_i] LongTensor, on the CPU
+            or x's device; several rows may add into one). None: every pass covers the batch row for row.
+    """
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    everywhere = torch.arange(x.shape[0])
+    delta = torch.zeros_like(x)
+    passes = torch.zeros(x.shape[0], dtype=torch.long)  # per row of x, on the CPU: no device sync to decide
+    unit = torch.zeros(x.shape[0], dtype=torch.bool)     # rows that have a pass of weight exactly 1
+    unit_x0 = None
+    for i, (x0, weight) in enumerate(zip(x0s, weights)):
+        weight = torch.as_tensor(weight, dtype=torch.float64)
+        if pairs is None:
+            rows = everywhere
+            delta += weight.to(x0).reshape(shape) * (x0 - x)
+        else:
+            rows, index = pairs[i].cpu(), pairs[i].to(x.device)
+            delta.index_add_(0, index, weight.to(x0).reshape(shape) * (x0 - x[index]))
+        passes.index_add_(0, rows, torch.ones_like(rows))
+        one = (weight == 1).expand(rows.shape[0])
+        if bool(one.any()):
+            unit_x0 = torch.zeros_like(x) if unit_x0 is None else unit_x0
+            unit_x0[rows[one].to(x.device)] = x0[one.to(x.device)]
+            unit[rows[one]] = True
+    out = x + delta
+    lone = unit & (passes == 1)
+    if bool(lone.any()):
+        out = torch.where(lone.to(x.device).reshape(shape), unit_x0, out)
     return out
 
 
@@ -104,3 +137,11 @@ def token_norm(v: torch.Tensor, patch: int) -> torch.Tensor:
 def rescale_to(reference_v: torch.Tensor, v: torch.Tensor, patch: int) -> torch.Tensor:
     """Rescale v so every token has the norm of the reference velocity's token (Qwen-Image true-CFG)."""
     return v * (token_norm(reference_v, patch) / token_norm(v, patch))
+
+
+def rescale_x0(x: torch.Tensor, x0: torch.Tensor, reference_x0: torch.Tensor, sigma: torch.Tensor,
+               patch: int) -> torch.Tensor:
+    """x0 of the combined prediction ``x0`` rescaled so that its velocity v = (x − x0)/σ has, in every token, the
+    norm of the velocity of ``reference_x0`` (Qwen-Image true-CFG; σ: [1] or [B])."""
+    sigma = sigma.reshape((-1,) + (1,) * (x.ndim - 1))
+    return x - sigma * rescale_to((x - reference_x0) / sigma, (x - x0) / sigma, patch)

@@ -13,7 +13,6 @@ APPLY_MODEL wrapper. Weights are never copied or modified, so LoRA weight patche
 
 from __future__ import annotations
 
-import uuid
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -294,64 +293,3 @@ def apply_calibration(model: Any, calibration: Calibration, *, strength: float =
     return apply_row_scales(model, lambda options, batch: row, output_weight=lambda options, batch: weight,
                             active_range=active_range)
 
-
-# --- ensembles: one batch row per member ------------------------------------------------------------------------
-
-MEMBER_ROWS = "calibri_member_rows"
-"""transformer_options key: a [conds, gates] table; row j scales the forward of conds-list entry j."""
-
-
-def _member_rows(options: dict, batch: int) -> Optional[torch.Tensor]:
-    table = options.get(MEMBER_ROWS)
-    if table is None:
-        return None
-    # calc_cond_batch tags every chunk of the batch with the index of its cond in the list it was given
-    # (cond_or_uncond); chunks may come in any order and several calls (comfyui.md C).
-    indices = options["cond_or_uncond"]
-    return table[list(indices)].repeat_interleave(batch // len(indices), dim=0)
-
-
-def enable_member_rows(model: Any) -> Any:
-    """A clone of ``model`` whose forwards take per-cond gate rows from ``MEMBER_ROWS``."""
-    return apply_row_scales(model, _member_rows)
-
-
-def _with_member_rows(model_options: dict, rows: torch.Tensor) -> dict:
-    options = dict(model_options)
-    options["transformer_options"] = dict(options.get("transformer_options", {}), **{MEMBER_ROWS: rows})
-    return options
-
-
-def _own_identity(cond: list, member: int) -> list:
-    """``cond`` (a processed conditioning list) with uuids of its own for the pass of ``member``.
-
-    ComfyUI gives every entry of a conditioning one uuid, and caches (EasyCache, LazyCache) keep one result per
-    uuid; ensemble passes on one prompt must not share it, or a cache hands one member's result to all of them.
-    The new uuid is derived, so the same pass keeps the same identity at every step.
-    """
-    if member < 0:
-        return cond
-    return [dict(c, uuid=uuid.uuid5(c["uuid"], f"calibri-member-{member}")) if isinstance(c.get("uuid"), uuid.UUID)
-            else c for c in cond]
-
-
-def denoise_terms(model: Any, conds: list, rows: torch.Tensor, x: torch.Tensor, timestep: torch.Tensor,
-                  model_options: dict, low_vram: bool = False, members: Optional[list[int]] = None,
-                  calc: Optional[Callable] = None) -> list[torch.Tensor]:
-    """x0 of every (cond, gate row) pair, through ComfyUI's own cond batching.
-
-    By default all pairs go to one ``calc_cond_batch`` call, which packs them into as few forwards as
-    memory allows (one batch row per pair); ``low_vram`` runs one pair at a time. ``members`` (the
-    ``Term.member`` of each pair) gives each pair a cond identity of its own. ``calc`` replaces
-    ``comfy.samplers.calc_cond_batch`` (a CALC_COND_BATCH wrapper passes its executor).
-    """
-    if calc is None:
-        import comfy.samplers
-
-        calc = comfy.samplers.calc_cond_batch
-    if members is not None:
-        conds = [_own_identity(cond, member) for cond, member in zip(conds, members)]
-    if low_vram:
-        return [calc(model, [cond], x, timestep, _with_member_rows(model_options, rows[i:i + 1]))[0]
-                for i, cond in enumerate(conds)]
-    return calc(model, conds, x, timestep, _with_member_rows(model_options, rows))

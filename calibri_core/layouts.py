@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .calibration import PROMPTS, Calibration, Member
-from .families import get_family
+from .families import KnownModel, get_family
+from .preset import Preset, tool_version
 
 Segments = Callable[[dict], list[list[str]]]
 
@@ -59,36 +60,45 @@ def _qwen_segments(counts: dict) -> list[list[str]]:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """One reference pipeline: its family, default counts and flat order per granularity.
+    """One reference pipeline: the model the reference ran and its flat order per granularity.
 
     Args:
         name: the pipeline id used by the CLI and the search (``flux``, ``sd3.5-medium``, ...).
         family: the ``calibri_core.families`` id its calibrations belong to.
-        title: the model the reference ran.
-        counts: the family counts of that model (what ``family.layout(counts)`` takes).
+        model: that model, from the family table's ``models``: its ``name`` and default ``counts``.
         orders: granularity -> function of counts returning the segments of the flat order.
-        cfg: True for the reference's "cfg case" (member 1 positive, member 2 negative prompt).
     """
 
     name: str
     family: str
-    title: str
-    counts: dict
+    model: KnownModel
     orders: dict[str, Segments]
-    cfg: bool
+
+    @property
+    def title(self) -> str:
+        """The model the reference ran."""
+        return self.model.name
+
+    @property
+    def counts(self) -> dict:
+        """The family counts of that model (what ``family.layout(counts)`` takes)."""
+        return self.model.counts
+
+    @property
+    def cfg(self) -> bool:
+        """True for the reference's "cfg case" (member 1 positive, member 2 negative prompt): the family has a cfg."""
+        return get_family(self.family).cfg is not None
+
+
+def _pipeline(name: str, family: str, model: str, orders: dict[str, Segments]) -> Pipeline:
+    return Pipeline(name, family, get_family(family).models[model], orders)
 
 
 PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
-    Pipeline("flux", "flux", "FLUX.1-dev", {"double_blocks": 19, "single_blocks": 38},
-             {g: _flux_segments(g) for g in ("block", "layer", "gate")}, cfg=False),
-    Pipeline("sd3.5-medium", "sd3", "SD3.5 Medium",
-             {"joint_blocks": 24, "dual_attention_blocks": list(range(13)), "context_pre_only_blocks": [23],
-              "scale_mod_only": False}, {"gate": _sd3_segments}, cfg=True),
-    Pipeline("sd3.5-large", "sd3", "SD3.5 Large",
-             {"joint_blocks": 38, "dual_attention_blocks": [], "context_pre_only_blocks": [37],
-              "scale_mod_only": False}, {"gate": _sd3_segments}, cfg=True),
-    Pipeline("qwen-image", "qwen_image", "Qwen-Image", {"transformer_blocks": 60},
-             {"gate": _qwen_segments}, cfg=True),
+    _pipeline("flux", "flux", "flux1-dev", {g: _flux_segments(g) for g in ("block", "layer", "gate")}),
+    _pipeline("sd3.5-medium", "sd3", "sd3.5-medium", {"gate": _sd3_segments}),
+    _pipeline("sd3.5-large", "sd3", "sd3.5-large", {"gate": _sd3_segments}),
+    _pipeline("qwen-image", "qwen_image", "qwen-image", {"gate": _qwen_segments}),
 )}
 
 
@@ -205,7 +215,7 @@ def to_reference_vector(calibration: Calibration, pipeline: str, counts: dict | 
 
 def import_reference_checkpoint(path: str, pipeline: str, granularity: str, members: int | None = None,
                                 prompts: Sequence[str] | None = None, counts: dict | None = None,
-                                model_name: str | None = None):
+                                model_name: str | None = None) -> Preset:
     """Read a reference ``cmaes_step_NNNN.json`` checkpoint as a ``Preset``.
 
     Args:
@@ -215,8 +225,6 @@ def import_reference_checkpoint(path: str, pipeline: str, granularity: str, memb
             is None the checkpoint's ``shapes["n_models"]`` is used if present, else it is inferred.
         model_name: recorded in the provenance (default the pipeline's model).
     """
-    from .preset import Preset, tool_version
-
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

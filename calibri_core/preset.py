@@ -6,7 +6,7 @@ A preset is a ``.safetensors`` file holding two float64 tensors, ``scales`` [N, 
 ``provenance``. Loading never unpickles anything and validates every field; saving is atomic.
 This module is pure: no ComfyUI (numpy and safetensors only).
 
-Command line (``python -m calibri_core.preset -h``)::
+Command line (``python -m calibri_core.preset -h``, implemented in ``calibri_core.preset_cli``)::
 
     python -m calibri_core.preset inspect FILE
     python -m calibri_core.preset export-json FILE [-o OUT.json]
@@ -15,12 +15,11 @@ Command line (``python -m calibri_core.preset -h``)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -256,34 +255,6 @@ def preset_to_json(preset: Preset) -> dict:
     return meta
 
 
-def _table(preset: Preset) -> str:
-    cal = preset.calibration
-    width = max(len(s) for s in (*cal.sites, "prompt"))
-    head = " ".join(f"{f'member {i + 1}':>12}" for i in range(len(cal.members)))
-    lines = [f"{'site':<{width}} {head}"]
-    for j, site in enumerate(cal.sites):
-        lines.append(f"{site:<{width}} " + " ".join(f"{m.scales[j]:>12.6g}" for m in cal.members))
-    lines.append(f"{'ω':<{width}} " + " ".join(f"{m.weight:>12.6g}" for m in cal.members))
-    lines.append(f"{'prompt':<{width}} " + " ".join(f"{m.prompt:>12}" for m in cal.members))
-    return "\n".join(lines)
-
-
-def _inspect_text(path: str, preset: Preset) -> str:
-    cal = preset.calibration
-    return "\n".join([
-        f"file:           {path}",
-        f"format_version: {FORMAT_VERSION}",
-        f"family:         {cal.family} ({get_family(cal.family).title})",
-        f"counts:         {json.dumps(preset.counts)}",
-        f"granularity:    {cal.granularity} ({len(cal.sites)} sites)",
-        f"members:        {len(cal.members)}",
-        "provenance:     " + json.dumps(preset.provenance, indent=2, ensure_ascii=False).replace("\n", "\n  "),
-        "",
-        _table(preset),
-        "",
-    ])
-
-
 def combine_presets(parts: list[tuple[Preset, float, str]]) -> Preset:
     """Join calibrations into one ensemble (paper §3.3), in the order given.
 
@@ -327,65 +298,9 @@ def combine_presets(parts: list[tuple[Preset, float, str]]) -> Preset:
     return Preset(combined, first.counts, provenance)
 
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``python -m calibri_core.preset`` command line; returns the exit status."""
-    from .layouts import PIPELINES, import_reference_checkpoint
-
-    parser = argparse.ArgumentParser(prog="python -m calibri_core.preset",
-                                     description="Inspect, export and import Calibri preset files.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="print a preset's metadata and its scales per site and member")
-    p.add_argument("file")
-    p = sub.add_parser("export-json", help="write all of a preset's content as JSON")
-    p.add_argument("file")
-    p.add_argument("-o", "--output", help="JSON file to write (default: standard output)")
-    p = sub.add_parser("import", help="convert a reference cmaes_step_NNNN.json checkpoint to a preset")
-    p.add_argument("reference", help="the reference's cmaes_step_NNNN.json")
-    p.add_argument("--pipeline", required=True, choices=sorted(PIPELINES))
-    p.add_argument("--granularity", required=True, choices=GRANULARITIES,
-                   help="the reference's scaling granularity (sd3.5/qwen-image: gate only)")
-    p.add_argument("-o", "--output", required=True, help="preset to write (.safetensors)")
-    p.add_argument("--members", type=int, help="ensemble size N (default: from the checkpoint / its length)")
-    p.add_argument("--prompts", help="comma-separated prompt per member, e.g. positive,negative")
-    p.add_argument("--model-name", help="model name recorded in the provenance")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    args = parser.parse_args(argv)
-
-    try:
-        if args.command == "import":
-            if args.members is not None and args.members < 1:
-                parser.error(f"--members must be at least 1; got {args.members}.")
-            if not os.path.isfile(args.reference):
-                parser.error(f"reference checkpoint {args.reference!r} does not exist.")
-            prompts = [s.strip() for s in args.prompts.split(",")] if args.prompts else None
-            preset = import_reference_checkpoint(args.reference, args.pipeline, args.granularity, args.members,
-                                                 prompts=prompts, model_name=args.model_name)
-            save_preset(args.output, preset, overwrite=args.overwrite)
-            cal = preset.calibration
-            sys.stdout.write(f"wrote {args.output}: {cal.family} {cal.granularity}, {len(cal.sites)} sites, "
-                             f"{len(cal.members)} member(s)\n")
-            return 0
-        if not os.path.isfile(args.file):
-            parser.error(f"preset file {args.file!r} does not exist.")
-        preset = load_preset(args.file)
-        if args.command == "inspect":
-            sys.stdout.write(_inspect_text(args.file, preset))
-        else:
-            text = json.dumps(preset_to_json(preset), indent=2, ensure_ascii=False) + "\n"
-            if args.output:
-                with open(args.output, "w", encoding="utf-8") as f:
-                    f.write(text)
-            else:
-                sys.stdout.write(text)
-        return 0
-    except ValueError as e:
-        parser.error(str(e))
-    return 2  # not reached: parser.error exits
-
-
 if __name__ == "__main__":
-    # Run the package's copy of this module, so Preset is one class whether reached via -m or an import.
-    from calibri_core.preset import main as _main
+    # ``python -m calibri_core.preset``: the command line lives in preset_cli, which works on the package's copy of
+    # this module, so an imported and a saved Preset are one class.
+    from .preset_cli import main
 
-    sys.exit(_main())
+    sys.exit(main())

@@ -1,29 +1,87 @@
 """Ensembles inside ComfyUI's samplers (paper §3.3): a GUIDER for SamplerCustomAdvanced and a MODEL
 patch for the plain KSampler. Both run every pass an ensemble step needs through one batched
-``calc_cond_batch`` call, with one gate row per pass (``host.denoise_terms``).
+``calc_cond_batch`` call, with one gate row per pass (``denoise_terms``), and combine them with
+``calibri_core.ensemble``'s arithmetic, as the search's evaluator does.
 
 Imports ComfyUI at module level: import it only where ComfyUI is present (nodes, search).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import uuid
+from typing import Any, Callable, Optional
 
 import comfy.samplers
 import torch
 
 from .calibration import Calibration
-from .ensemble import Term, combine_x0, first_positive_member, plan_terms, rescale_reference, rescale_to
-from .host import ActiveRange, denoise_terms, enable_member_rows, model_layout, token_patch
+from .ensemble import Term, combine_x0, first_positive_member, plan_terms, rescale_reference, rescale_x0
+from .host import ActiveRange, apply_row_scales, model_layout, token_patch
+
+# --- one batch row per member -------------------------------------------------------------------------------------
+
+MEMBER_ROWS = "calibri_member_rows"
+"""transformer_options key: a [conds, gates] table; row j scales the forward of conds-list entry j."""
 
 
-def _velocity(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    return (x - x0) / sigma.reshape((-1,) + (1,) * (x.ndim - 1))
+def _member_rows(options: dict, batch: int) -> Optional[torch.Tensor]:
+    table = options.get(MEMBER_ROWS)
+    if table is None:
+        return None
+    # calc_cond_batch tags every chunk of the batch with the index of its cond in the list it was given
+    # (cond_or_uncond); chunks may come in any order and several calls (comfyui.md C).
+    indices = options["cond_or_uncond"]
+    return table[list(indices)].repeat_interleave(batch // len(indices), dim=0)
+
+
+def enable_member_rows(model: Any) -> Any:
+    """A clone of ``model`` whose forwards take per-cond gate rows from ``MEMBER_ROWS``."""
+    return apply_row_scales(model, _member_rows)
+
+
+def _with_member_rows(model_options: dict, rows: torch.Tensor) -> dict:
+    options = dict(model_options)
+    options["transformer_options"] = dict(options.get("transformer_options", {}), **{MEMBER_ROWS: rows})
+    return options
+
+
+def _own_identity(cond: list, member: int) -> list:
+    """``cond`` (a processed conditioning list) with uuids of its own for the pass of ``member``.
+
+    ComfyUI gives every entry of a conditioning one uuid, and caches (EasyCache, LazyCache) keep one result per
+    uuid; ensemble passes on one prompt must not share it, or a cache hands one member's result to all of them.
+    The new uuid is derived, so the same pass keeps the same identity at every step.
+    """
+    if member < 0:
+        return cond
+    return [dict(c, uuid=uuid.uuid5(c["uuid"], f"calibri-member-{member}")) if isinstance(c.get("uuid"), uuid.UUID)
+            else c for c in cond]
+
+
+def denoise_terms(model: Any, conds: list, rows: torch.Tensor, x: torch.Tensor, timestep: torch.Tensor,
+                  model_options: dict, low_vram: bool = False, members: Optional[list[int]] = None,
+                  calc: Optional[Callable] = None) -> list[torch.Tensor]:
+    """x0 of every (cond, gate row) pair, through ComfyUI's own cond batching.
+
+    By default all pairs go to one ``calc_cond_batch`` call, which packs them into as few forwards as
+    memory allows (one batch row per pair); ``low_vram`` runs one pair at a time. ``members`` (the
+    ``Term.member`` of each pair) gives each pair a cond identity of its own. ``calc`` replaces
+    ``comfy.samplers.calc_cond_batch`` (a CALC_COND_BATCH wrapper passes its executor).
+    """
+    calc = comfy.samplers.calc_cond_batch if calc is None else calc
+    if members is not None:
+        conds = [_own_identity(cond, member) for cond, member in zip(conds, members)]
+    if low_vram:
+        return [calc(model, [cond], x, timestep, _with_member_rows(model_options, rows[i:i + 1]))[0]
+                for i, cond in enumerate(conds)]
+    return calc(model, conds, x, timestep, _with_member_rows(model_options, rows))
 
 
 def _rows(terms: list[Term]) -> torch.Tensor:
     return torch.tensor([t.row for t in terms], dtype=torch.float32)
 
+
+# --- the two front doors ------------------------------------------------------------------------------------------
 
 # ComfyUI's CFG hooks (model_options keys): each acts on a cond/uncond pair that an exact ensemble does not have.
 _CFG_HOOKS = {
@@ -94,11 +152,7 @@ class EnsembleGuider(comfy.samplers.CFGGuider):
         x0s = denoise_terms(self.inner_model, [self.conds.get(t.prompt) for t in terms], _rows(terms), x, timestep,
                             model_options, self.low_vram, members=[t.member for t in terms])
         out = combine_x0(x, x0s, [t.weight for t in terms])
-        if reference is not None:
-            sigma = timestep.reshape((-1,) + (1,) * (x.ndim - 1))
-            v = rescale_to(_velocity(x, x0s[reference], timestep), _velocity(x, out, timestep), self.patch)
-            out = x - sigma * v
-        return out
+        return out if reference is None else rescale_x0(x, out, x0s[reference], timestep, self.patch)
 
 
 ENSEMBLE_KEY = "calibri_ensemble"

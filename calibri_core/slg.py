@@ -90,9 +90,8 @@ class ShippedSLG:
         }
 
 
-SD35_MEDIUM = {"joint_blocks": 24, "dual_attention_blocks": list(range(13)), "context_pre_only_blocks": [23],
-               "scale_mod_only": False}
-FLUX1_DEV = {"double_blocks": 19, "single_blocks": 38}
+SD35_MEDIUM = get_family("sd3").models["sd3.5-medium"].counts
+FLUX1_DEV = get_family("flux").models["flux1-dev"].counts
 
 SHIPPED = (
     ShippedSLG("sd35-medium-slg-cfg4.5-guider.safetensors", "Stable Diffusion 3.5 Medium", "sd3", SD35_MEDIUM,

@@ -4,9 +4,9 @@ Every key, its default and its meaning is in :data:`SCHEMA`; ``calibri-search --
 defaults reproduce the reference protocol (``reference/calibri-reference.md``, "Search protocol"): CMA-ES with
 sigma0 0.25, population 4 + 3 ln n, x0 = identity injected in generation 1, scales in [-1, 2], ω in [-10, 10],
 buckets of 16 training prompts with seed = base seed + generation, 512×512 images, 15 steps, validation every 10
-generations on held-out prompts with seed 1234. Family-dependent defaults: FLUX guidance 3.5; SD3.5 cfg 7 and
-Qwen-Image cfg 4, both with the reference's "cfg case" ensemble (member 1 positive, member 2 negative,
-ω = (cfg, 1 − cfg)).
+generations on held-out prompts with seed 1234. Family-dependent defaults come from the family tables
+(``calibri_core.families``): ``Family.guidance`` (distilled guidance) and ``Family.cfg``, whose families start from
+the reference's "cfg case" ensemble (member 1 positive, member 2 negative, ω = (cfg, 1 − cfg)).
 """
 
 from __future__ import annotations
@@ -28,15 +28,19 @@ from calibri_core.families import FAMILIES, get_family
 from calibri_core.files import write_bytes_atomic
 from calibri_core.sites import GRANULARITIES
 
-# Families whose reference pipeline is the "cfg case" (N = 2: positive, negative), and their default cfg.
-CFG_DEFAULTS = {"sd3": 7.0, "qwen_image": 4.0}
-FLUX_GUIDANCE = 3.5
 # Keys that may differ on --resume: how long to run and where, not what is searched.
 RESUMABLE_CHANGES = ("search.generations", "search.budget_hours", "output.run_dir")
 EVALUATOR_DEFAULT = "comfy"
 
 _MISSING = object()
 
+
+def _family_values(attr: str) -> str:
+    """``7 for sd3, 4 for qwen_image``: the families whose table sets ``attr``, for the help texts."""
+    return ", ".join(f"{getattr(f, attr):g} for {f.name}" for f in FAMILIES.values() if getattr(f, attr) is not None)
+
+
+_CFG_CASE = " and ".join(f.name for f in FAMILIES.values() if f.cfg is not None)
 # (section, key) -> (default, type(s), help). A default of None means "none / derived", see the help.
 SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...], str]]] = {
     "model": {
@@ -73,8 +77,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...], str]]] = {
         "sampler": ("euler", (str,), "ComfyUI sampler name"),
         "scheduler": ("simple", (str,), "ComfyUI scheduler name"),
         "steps": (15, (int,), "sampling steps"),
-        "cfg": (None, (float, int), "CFG scale; default 7 for sd3, 4 for qwen_image, else 1"),
-        "guidance": (None, (float, int), "distilled guidance (FLUX); default 3.5 for flux, else none"),
+        "cfg": (None, (float, int), f"CFG scale; default {_family_values('cfg')}, else 1"),
+        "guidance": (None, (float, int), f"distilled guidance (FLUX); default {_family_values('guidance')}, else none"),
         "width": (512, (int,), "image width"),
         "height": (512, (int,), "image height"),
         "micro_batch": (4, (int,), "images per sampler call"),
@@ -96,7 +100,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...], str]]] = {
 }
 LIST_SECTIONS = {
     "members": "[[members]] prompt = 'positive'|'negative', weight = ω (optional). Default: one positive member "
-               "(ω 1); two (positive, negative) with ω = (cfg, 1 - cfg) for sd3 and qwen_image",
+               f"(ω 1); two (positive, negative) with ω = (cfg, 1 - cfg) for {_CFG_CASE}",
     "rewards": "[[rewards]] name = registry name or 'python:module:callable', weight = 1.0, other keys = options. "
                "Default: hpsv3 (the reference)",
 }
@@ -271,9 +275,9 @@ def validate(data: dict, base_dir: str, check_files: bool = True) -> RunConfig:
         if smp[key] < 1:
             raise ConfigError(f"Calibri: sampling.{key} must be at least 1; got {smp[key]}.")
     if smp["cfg"] is None:
-        smp["cfg"] = CFG_DEFAULTS.get(family.name, 1.0)
-    if smp["guidance"] is None and family.name == "flux":
-        smp["guidance"] = FLUX_GUIDANCE
+        smp["cfg"] = family.default_cfg
+    if smp["guidance"] is None:
+        smp["guidance"] = family.guidance
     smp["cfg"] = float(smp["cfg"])
     if smp["guidance"] is not None:
         smp["guidance"] = float(smp["guidance"])
@@ -283,7 +287,7 @@ def validate(data: dict, base_dir: str, check_files: bool = True) -> RunConfig:
     # Members: prompt per member, ω defaulting to the reference's start point.
     members = cfg["members"]
     if members is None:
-        members = ([{"prompt": "positive"}, {"prompt": "negative"}] if family.name in CFG_DEFAULTS
+        members = ([{"prompt": "positive"}, {"prompt": "negative"}] if family.cfg is not None
                    else [{"prompt": "positive"}])
     if not members:
         raise ConfigError("Calibri: members is empty; give at least one [[members]] table (prompt = 'positive').")

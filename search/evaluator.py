@@ -4,7 +4,8 @@ One generation evaluates K candidates (``Calibration`` objects) on the same P pr
 random numbers: the noise of prompt p comes from the seed and is identical for every candidate). All K·P images are
 sampled in few, large forward batches: each batch row is one (candidate, prompt, member) pass and carries its own
 gate scales through ``calibri_core.host.apply_row_scales``; an ensemble step combines its members exactly,
-F = Σ ω_i f_{s_i}(x, t, p_i), in ComfyUI's x0 space as x + Σ ω_i (x0_i − x) (reference/comfyui.md C). The number of
+F = Σ ω_i f_{s_i}(x, t, p_i), in ComfyUI's x0 space as x + Σ ω_i (x0_i − x) (reference/comfyui.md C), with the
+arithmetic of the nodes' ensembles (``calibri_core.ensemble.combine_x0`` and ``rescale_x0``). The number of
 rows per forward is found from free memory (CUDA: ``torch.cuda.mem_get_info``; CPU: available RAM) or capped by
 ``max_memory``, and corrected after every pack from the measured peak.
 
@@ -28,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from calibri_core.calibration import Calibration, Member
-from calibri_core.ensemble import Term, plan_terms, rescale_reference, rescale_to
+from calibri_core.ensemble import Term, combine_x0, plan_terms, rescale_reference, rescale_x0
 from calibri_core.host import apply_row_scales, model_layout, token_patch
 
 from .models import ModelBundle, free_encoder, load_bundle
@@ -38,11 +39,9 @@ log = logging.getLogger("calibri")
 ROWS_KEY = "calibri_search_rows"
 """transformer_options key: the [rows, gates] scale table of the forward in flight (one row per batch element)."""
 
-CFG_FAMILIES = {"sd3": 7.0, "qwen_image": 4.0}
 CPU_ROWS = 8
 """Auto batch cap on CPU, where a forward is compute-bound and big batches only lose cache locality: the search
 benchmark's evaluation took 34.7 s with 64 rows per pack and 24.1 s with 8 (docs/benchmarks.md)."""
-GUIDANCE_DEFAULTS = {"flux": 3.5}
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024 ** 2, "GIB": 1024 ** 3}
 
 
@@ -73,8 +72,7 @@ class _Group:
     key: str
     pairs: torch.Tensor      # [n] long: which sampler row (pair) each pass belongs to
     rows: torch.Tensor       # [n, gates] gate scales
-    weights: torch.Tensor    # [n] ω
-    direct: torch.Tensor     # [n] bool: the pair's only pass, weight 1 → its x0 is the pair's x0 (bit-exact identity)
+    weights: torch.Tensor    # [n] float64 ω (a pair's only pass of ω exactly 1 gives the pair its x0 bit-exactly)
     reference: torch.Tensor  # [n] bool: the pass whose velocity norm a rescaled ensemble keeps (Qwen-Image)
     conditioning: list
 
@@ -89,31 +87,19 @@ class _PackGuider:
         class PackGuider(comfy.samplers.CFGGuider):
             def predict_noise(self, x, timestep, model_options={}, seed=None):
                 t = timestep if timestep.shape[0] == x.shape[0] else timestep.expand(x.shape[0])
-                shape = (-1,) + (1,) * (x.ndim - 1)
-                delta = torch.zeros_like(x)
-                direct = torch.zeros_like(x)
-                has_direct = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+                x0s = []
                 reference = torch.zeros_like(x) if rescale_patch else None
                 for g in groups:
                     pairs = g.pairs.to(x.device)
-                    xg = x[pairs]
                     options = dict(model_options)
                     options["transformer_options"] = dict(options.get("transformer_options", {}), **{ROWS_KEY: g.rows})
-                    x0 = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds[g.key]], xg, t[pairs], options)[0]
-                    delta.index_add_(0, pairs, g.weights.to(x0).reshape(shape) * (x0 - xg))
-                    if bool(g.direct.any()):
-                        mask = g.direct.to(x.device)
-                        direct[pairs[mask]] = x0[mask]
-                        has_direct[pairs[mask]] = True
+                    x0s.append(comfy.samplers.calc_cond_batch(self.inner_model, [self.conds[g.key]], x[pairs],
+                                                              t[pairs], options)[0])
                     if reference is not None and bool(g.reference.any()):
                         mask = g.reference.to(x.device)
-                        reference[pairs[mask]] = x0[mask]
-                out = x + delta
-                if reference is not None:
-                    sigma = t.reshape(shape)
-                    v = rescale_to((x - reference) / sigma, (x - out) / sigma, rescale_patch)
-                    out = x - sigma * v
-                return torch.where(has_direct.reshape(shape), direct, out)
+                        reference[pairs[mask]] = x0s[-1][mask]
+                out = combine_x0(x, x0s, [g.weights for g in groups], [g.pairs for g in groups])
+                return out if reference is None else rescale_x0(x, out, reference, t, rescale_patch)
 
         guider = PackGuider(model)
         guider.inner_set_conds({g.key: g.conditioning for g in groups})
@@ -187,7 +173,7 @@ class Evaluator:
         batch_size: ``"auto"`` or the number of forward rows per pack.
         max_memory: cap on peak memory (bytes or ``"20GB"``): CUDA allocated memory, or CPU process RSS.
         cache_dir: folder of cached prompt encodings.
-        rescale: Qwen-Image's norm rescale of the combined prediction (default: on for qwen_image).
+        rescale: Qwen-Image's norm rescale of the combined prediction (default: the family table's ``rescale``).
     """
 
     def __init__(self, bundle: ModelBundle, rewards: Any, *, steps: int = 15, sampler: str = "euler",
@@ -201,10 +187,10 @@ class Evaluator:
         self.family = self.family_info.name
         self.rewards = rewards
         self.steps, self.sampler_name, self.scheduler = int(steps), sampler, scheduler
-        self.guidance = guidance if guidance is not None else GUIDANCE_DEFAULTS.get(self.family)
-        self.cfg = float(cfg) if cfg is not None else CFG_FAMILIES.get(self.family, 1.0)
+        self.guidance = guidance if guidance is not None else self.family_info.guidance
+        self.cfg = float(cfg) if cfg is not None else self.family_info.default_cfg
         self.negative_prompt = negative_prompt
-        self.rescale = (self.family == "qwen_image") if rescale is None else bool(rescale)
+        self.rescale = self.family_info.rescale if rescale is None else bool(rescale)
         if not (batch_size == "auto" or (isinstance(batch_size, int) and batch_size >= 1)):
             raise ValueError(f"Calibri: batch_size must be 'auto' or a positive integer; got {batch_size!r}.")
         self.batch_size = batch_size
@@ -280,7 +266,7 @@ class Evaluator:
         for CFG families, which equals ordinary CFG sampling."""
         sites = self.layout.site_names(granularity)
         ones = (1.0,) * len(sites)
-        if self.family in CFG_FAMILIES:
+        if self.family_info.cfg is not None:
             members = (Member(ones, self.cfg, "positive"), Member(ones, 1.0 - self.cfg, "negative"))
         else:
             members = (Member(ones),)
@@ -394,15 +380,14 @@ class Evaluator:
         by_shape: dict[tuple, list] = {}
         for j, (k, p) in enumerate(pack):
             terms, reference = plans[k]
-            direct = len(terms) == 1 and terms[0].weight == 1.0 and reference is None
             for i, term in enumerate(terms):
                 text = prompts[p] if term.prompt == "positive" else self.negative_prompt
                 cond, extras = self._encodings[text]
                 signature = (tuple(cond.shape), tuple(sorted((n, tuple(v.shape)) for n, v in extras.items())))
-                by_shape.setdefault(signature, []).append((j, text, term, direct, i == reference))
+                by_shape.setdefault(signature, []).append((j, text, term, i == reference))
         groups = []
         for index, passes in enumerate(by_shape.values()):
-            texts = [text for _, text, _, _, _ in passes]
+            texts = [text for _, text, _, _ in passes]
             options = {name: torch.cat([self._encodings[t][1][name] for t in texts])
                        for name in self._encodings[texts[0]][1]}
             if self.guidance is not None:
@@ -410,10 +395,9 @@ class Evaluator:
             conditioning = [[torch.cat([self._encodings[t][0] for t in texts]), options]]
             groups.append(_Group(
                 key=f"calibri{index}", pairs=torch.tensor([j for j, *_ in passes], dtype=torch.long),
-                rows=torch.tensor([term.row for _, _, term, _, _ in passes], dtype=torch.float32),
-                weights=torch.tensor([term.weight for _, _, term, _, _ in passes], dtype=torch.float32),
-                direct=torch.tensor([d for _, _, _, d, _ in passes]), reference=torch.tensor([r for *_, r in passes]),
-                conditioning=conditioning))
+                rows=torch.tensor([term.row for _, _, term, _ in passes], dtype=torch.float32),
+                weights=torch.tensor([term.weight for _, _, term, _ in passes], dtype=torch.float64),
+                reference=torch.tensor([r for *_, r in passes]), conditioning=conditioning))
         return groups
 
     def noise_for(self, prompts: Sequence[str], seed: int) -> torch.Tensor:

@@ -21,11 +21,6 @@ import torch
 
 log = logging.getLogger("calibri")
 
-# calibri family name → comfy.sd.CLIPType member name (comfy/sd.py, 0.3.75; OVIS and LONGCAT_IMAGE since 0.3.76)
-CLIP_TYPES = {"flux": "FLUX", "flux2": "FLUX", "chroma": "CHROMA", "sd3": "SD3", "qwen_image": "QWEN_IMAGE",
-              "lumina2": "LUMINA2", "z_image": "LUMINA2", "wan": "WAN", "hidream": "HIDREAM",
-              "ovis_image": "OVIS", "longcat_image": "LONGCAT_IMAGE"}
-
 
 class TextEncoder(Protocol):
     """prompt → (cross-attention tensor [1, T, D], extra tensors such as ``pooled_output`` [1, ...])."""
@@ -198,7 +193,7 @@ def load_bundle(*, model: Any = None, checkpoint: Any = None, text_encoders: Seq
 
     Either ``checkpoint`` (all-in-one, ``load_checkpoint_guess_config``; separate ``text_encoders`` / ``vae``
     override its parts) or ``model`` (``load_diffusion_model``) plus ``text_encoders`` (``load_clip`` with the
-    CLIPType of the detected family, or ``clip_type``) and ``vae``.
+    detected family's ``Family.clip_type``, or ``clip_type``) and ``vae``.
     """
     import comfy.sd
     import comfy.utils
@@ -225,7 +220,7 @@ def load_bundle(*, model: Any = None, checkpoint: Any = None, text_encoders: Seq
              "vae": str(vae_path) if vae_path else None}
 
     if te_paths:
-        type_name = (clip_type or CLIP_TYPES.get(family.name, "")).upper()
+        type_name = (clip_type or family.clip_type).upper()
         if not hasattr(comfy.sd.CLIPType, type_name):
             raise ValueError(f"Calibri: no text-encoder type known for family {family.name!r}; pass clip_type "
                              f"(one of {[t.name.lower() for t in comfy.sd.CLIPType]}).")

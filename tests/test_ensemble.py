@@ -7,7 +7,7 @@ import tiny_models as tm
 import torch
 
 from calibri_core import Calibration, Member
-from calibri_core.ensemble import token_norm
+from calibri_core.ensemble import combine_x0, token_norm
 from calibri_core.host import ActiveRange, apply_calibration, model_layout
 from calibri_core.preset import load_preset
 from calibri_core.slg import SHIPPED, skip_layer_calibration
@@ -162,6 +162,21 @@ def test_guider_rejects_bad_calibrations_before_sampling():
                                 (Member((1.0,) * len(layout.site_names("block")), 1.0, "negative"),))
     with pytest.raises(ValueError, match="rescale needs a member on the positive prompt"):
         EnsembleGuider(patcher, negative_only, rescale=True)
+
+
+def test_combine_x0_packed_rows_equal_row_for_row():
+    g = torch.Generator().manual_seed(0)
+    x, a, b = (torch.randn(3, 2, 4, generator=g) for _ in range(3))
+    row_for_row = combine_x0(x, [a, b], [2.0, -1.0])
+    assert torch.allclose(row_for_row, x + 2.0 * (a - x) - (b - x), atol=1e-6)
+    # the evaluator's layout: one forward of interleaved (pair, pass) rows, each adding into its pair
+    packed = combine_x0(x, [torch.stack([a[0], b[0], a[1], b[1], a[2], b[2]])], [torch.tensor([2.0, -1.0] * 3)],
+                        [torch.tensor([0, 0, 1, 1, 2, 2])])
+    assert torch.equal(packed, row_for_row)
+    # a row whose only pass has ω exactly 1 gets that x0 bit for bit
+    lone = combine_x0(x, [a[:2], b[2:]], [torch.tensor([1.0, 2.0]), 1.0], [torch.tensor([0, 1]), torch.tensor([2])])
+    assert torch.equal(lone[0], a[0]) and torch.equal(lone[2], b[2])
+    assert torch.allclose(lone[1], x[1] + 2.0 * (a[1] - x[1]), atol=1e-6)
 
 
 # --- Skip Layer Guidance: our ensemble with the SLG calibration == ComfyUI's SkipLayerGuidanceDiT -----------------

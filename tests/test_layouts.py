@@ -13,7 +13,8 @@ from calibri_core.layouts import (
     reference_vector_length,
     to_reference_vector,
 )
-from calibri_core.preset import load_preset, main
+from calibri_core.preset import load_preset
+from calibri_core.preset_cli import main
 
 OMEGA = "omega"
 

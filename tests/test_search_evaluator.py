@@ -166,3 +166,99 @@ def test_noise_follows_the_prompt_not_its_position():
     forward, backward = ev.noise_for(PROMPTS[:3], 7), ev.noise_for(PROMPTS[:3][::-1], 7)
     assert torch.equal(forward, backward.flip(0))
     assert not torch.equal(forward[0], forward[1]) and not torch.equal(forward, ev.noise_for(PROMPTS[:3], 8))
+
+
+# --- one combination behind both front doors: EnsembleGuider (nodes) and the evaluator's packed guider (search) ----
+
+SIGMA = 0.7
+
+
+def _one_step(guider, x):
+    """The x0 one sampler call gets from ``guider`` at σ = SIGMA (its conds already set)."""
+    import comfy.samplers
+
+    seen = {}
+
+    def one_call(model, noise, sigmas, extra_args=None, callback=None, disable=None):
+        seen["x0"] = model(noise, sigmas[0] * noise.new_ones([noise.shape[0]]), **(extra_args or {}))
+        return seen["x0"]
+
+    with torch.no_grad():
+        guider.sample(x.clone(), torch.zeros_like(x), comfy.samplers.KSAMPLER(one_call), torch.tensor([SIGMA, 0.0]),
+                      seed=0)
+    return seen["x0"]
+
+
+def _ensembles(ev):
+    ident = ev.identity()
+    n = len(ident.sites)
+    g = torch.Generator().manual_seed(3)
+
+    def scales():
+        return tuple((0.6 + 0.8 * torch.rand(n, generator=g, dtype=torch.float64)).tolist())
+
+    def calibration(*members):
+        return Calibration(ident.family, ident.granularity, ident.sites, members)
+
+    return [calibration(Member(scales(), 4.0, "positive"), Member(scales(), -3.0, "negative")),
+            calibration(Member(scales(), 2.5, "positive"), Member(scales(), -1.5, "negative")),
+            calibration(Member(scales(), 1.0, "positive"))]  # a lone pass of ω 1: its x0 is taken as is
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return make("qwen_image")
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_packed_evaluator_and_ensemble_guider_give_the_same_x0(qwen, rescale):
+    from calibri_core.sampling import EnsembleGuider
+    from search.evaluator import _PackGuider
+
+    candidates, prompts = _ensembles(qwen), PROMPTS[:2]
+    default, qwen.rescale = qwen.rescale, rescale
+    try:
+        plans = [qwen._terms(c) for c in candidates]
+    finally:
+        qwen.rescale = default
+    qwen.prepare(prompts)
+    noise = qwen.noise_for(prompts, 5)
+    pack = [(k, p) for k in range(len(candidates)) for p in range(len(prompts))]
+    groups = qwen._groups(pack, plans, prompts)
+    assert len(groups) == 1 and len(groups[0].pairs) > len(pack), "one forward, several passes adding into a pair"
+    packed = _one_step(_PackGuider.make(qwen.patched, groups, qwen.patch_size if rescale else None),
+                       noise[torch.tensor([p for _, p in pack])])
+    negative = _conditioning(qwen, [qwen.negative_prompt])
+    for j, (k, p) in enumerate(pack):
+        guider = EnsembleGuider(qwen.model, candidates[k], rescale=rescale)
+        guider.set_conds(_conditioning(qwen, [prompts[p]]), negative)
+        alone = _one_step(guider, noise[p:p + 1])
+        assert (packed[j:j + 1] - alone).abs().max() <= 1e-5, f"candidate {k}, prompt {p}, rescale={rescale}"
+    if rescale:  # the rescale really acts, so the comparison above covers it
+        plain = _one_step(_PackGuider.make(qwen.patched, groups, None), noise[torch.tensor([p for _, p in pack])])
+        assert (plain[:2] - packed[:2]).abs().max() > 1e-3
+
+
+def test_evaluator_combines_with_calibri_core_ensemble(qwen, monkeypatch):
+    import calibri_core.ensemble as ensemble
+    import calibri_core.sampling as sampling
+    import search.evaluator as evaluator
+
+    for name in ("combine_x0", "rescale_x0"):
+        assert getattr(evaluator, name) is getattr(ensemble, name) is getattr(sampling, name)
+    calls = []
+
+    def spy(name):
+        original = getattr(ensemble, name)
+
+        def call(*args, **kwargs):
+            calls.append((name, args[0].shape[0]))
+            return original(*args, **kwargs)
+
+        return call
+
+    for name in ("combine_x0", "rescale_x0"):
+        monkeypatch.setattr(evaluator, name, spy(name))
+    qwen.images_many(_ensembles(qwen)[:2], PROMPTS[:2], seed=0)
+    pairs = 2 * len(PROMPTS[:2])
+    assert calls.count(("combine_x0", pairs)) == qwen.steps and calls.count(("rescale_x0", pairs)) == qwen.steps

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..sites import SiteLayout
-from .table import Family, stream_gates
+from .table import Family, KnownModel, stream_gates
 
-__all__ = ["Family", "FAMILIES", "detect", "get_family", "stream_gates", "supported_families"]
+__all__ = ["Family", "FAMILIES", "KnownModel", "detect", "get_family", "stream_gates", "supported_families"]
 
 
 def _registry() -> dict[str, Family]:

@@ -14,4 +14,5 @@ FAMILY = Family(
     read_counts=read_counts,
     gates=branch_gates,
     dit_blocks={"double_block": "double_blocks", "single_block": "single_blocks"},
+    clip_type="CHROMA",
 )

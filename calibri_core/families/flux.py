@@ -11,7 +11,7 @@ them. ComfyUI tells them apart by their params alone (comfy/model_detection.py),
 """
 
 from ..sites import Gate
-from .table import Family, stream_gates
+from .table import Family, KnownModel, stream_gates
 
 DOUBLE_BRANCHES = {"attn": ("{stream}_mod.lin", 2, 6), "mlp": ("{stream}_mod.lin", 5, 6)}
 STREAMS = {"img": "img", "txt": "txt"}
@@ -56,10 +56,13 @@ FAMILY = Family(
     read_counts=read_counts,
     gates=gates,
     dit_blocks=_DIT_BLOCKS,
+    guidance=3.5,
+    clip_type="FLUX",
+    models={"flux1-dev": KnownModel("FLUX.1-dev", {"double_blocks": 19, "single_blocks": 38})},
 )
 LONGCAT_IMAGE = Family(name="longcat_image", title="LongCat-Image", classes=_CLASSES,
                        accepts=lambda dm: _per_block_modulation(dm) and _is_longcat(dm),
-                       read_counts=read_counts, gates=gates, dit_blocks=_DIT_BLOCKS)
+                       read_counts=read_counts, gates=gates, dit_blocks=_DIT_BLOCKS, clip_type="LONGCAT_IMAGE")
 OVIS_IMAGE = Family(name="ovis_image", title="Ovis-Image", classes=_CLASSES,
                     accepts=lambda dm: _per_block_modulation(dm) and _is_ovis(dm),
-                    read_counts=read_counts, gates=gates, dit_blocks=_DIT_BLOCKS)
+                    read_counts=read_counts, gates=gates, dit_blocks=_DIT_BLOCKS, clip_type="OVIS")

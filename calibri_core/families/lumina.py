@@ -37,6 +37,7 @@ _UNGATED = "context_refiner (and siglip_refiner) blocks have no gates (modulatio
 _CLASSES = ("comfy.ldm.lumina.model.NextDiT",)
 
 Z_IMAGE = Family(name="z_image", title="Z-Image", classes=_CLASSES + ("comfy.ldm.lumina.model.NextDiTPixelSpace",),
-                 accepts=_is_z_image, read_counts=read_counts, gates=gates, ungated=_UNGATED)
+                 accepts=_is_z_image, read_counts=read_counts, gates=gates, ungated=_UNGATED, clip_type="LUMINA2")
 LUMINA2 = Family(name="lumina2", title="Lumina-Image-2.0", classes=_CLASSES,
-                 accepts=lambda dm: not _is_z_image(dm), read_counts=read_counts, gates=gates, ungated=_UNGATED)
+                 accepts=lambda dm: not _is_z_image(dm), read_counts=read_counts, gates=gates, ungated=_UNGATED,
+                 clip_type="LUMINA2")

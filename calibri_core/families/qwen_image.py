@@ -14,7 +14,7 @@ have them.
 """
 
 from ..sites import Gate
-from .table import Family, stream_gates
+from .table import Family, KnownModel, stream_gates
 
 BRANCHES = {"attn": ("{stream}_mod.1", 2, 6), "mlp": ("{stream}_mod.1", 5, 6)}
 STREAMS = {"img": "img", "txt": "txt"}
@@ -39,4 +39,8 @@ FAMILY = Family(
     stacked_batch_copies=True,
     discarded=lambda counts: tuple(f"transformer_blocks.{counts['transformer_blocks'] - 1}.txt.{branch}"
                                    for branch in BRANCHES),
+    cfg=4.0,  # Qwen-Image's configured guidance_scale; the reference's search starts ω from cfg_scale 7 (issue 9)
+    rescale=True,
+    clip_type="QWEN_IMAGE",
+    models={"qwen-image": KnownModel("Qwen-Image", {"transformer_blocks": 60})},
 )

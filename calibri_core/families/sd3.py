@@ -8,7 +8,7 @@ the reference's flat-vector order is a separate layout (see ``calibri_core.layou
 """
 
 from ..sites import Gate
-from .table import Family
+from .table import Family, KnownModel
 
 MODULATION = "adaLN_modulation.1"
 
@@ -57,4 +57,13 @@ FAMILY = Family(
     gates=gates,
     dit_blocks={"double_block": "joint_blocks"},
     ungated="the last context_block is pre_only: it has no gates and its text output is discarded",
+    cfg=7.0,
+    clip_type="SD3",
+    models={
+        # Medium is MMDiT-X: dual attention in its first 13 blocks.
+        "sd3.5-medium": KnownModel("SD3.5 Medium", {"joint_blocks": 24, "dual_attention_blocks": list(range(13)),
+                                                    "context_pre_only_blocks": [23], "scale_mod_only": False}),
+        "sd3.5-large": KnownModel("SD3.5 Large", {"joint_blocks": 38, "dual_attention_blocks": [],
+                                                  "context_pre_only_blocks": [37], "scale_mod_only": False}),
+    },
 )

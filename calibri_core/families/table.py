@@ -9,6 +9,19 @@ from ..sites import Gate, SiteLayout
 
 
 @dataclass(frozen=True)
+class KnownModel:
+    """A released checkpoint of a family and the block counts ComfyUI reads from it.
+
+    Args:
+        name: what its makers call it (``FLUX.1-dev``); the reference importer records it in a preset's provenance.
+        counts: its ``read_counts`` result, i.e. what ``Family.layout`` takes. Shared: copy it before changing it.
+    """
+
+    name: str
+    counts: dict
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family's table.
 
@@ -30,6 +43,22 @@ class Family:
         row_caches: ``transformer_options`` keys of host caches that compute part of the model once, from batch
             row 0 at the first call, and reuse it for every row and step; with one present the engine refuses
             scales that differ between rows or between calls, which the cache would silently drop.
+        cfg: the CFG scale of the reference's "cfg case" (calibri-reference.md, "Ensemble"): N = 2 members, member
+            1 on the positive prompt and member 2 on the negative one, ω starting at (cfg, 1 − cfg), which is
+            ordinary CFG. None where the reference has no cfg case: one positive member with ω 1, sampled at cfg 1.
+            The values are the reference's training settings (calibri-reference.md, "Search protocol"); the search
+            samples with them and starts from them when the run config gives no cfg / members. (Qwen-Image's is its
+            configured guidance_scale, while the reference's search starts ω from cfg_scale 7: issue 9.)
+        guidance: the distilled guidance passed with the conditioning when the run config gives none: the
+            reference's training setting for FLUX.1 (calibri-reference.md, "Search protocol"); None for none.
+        rescale: the reference's pipeline rescales the combined prediction to the norm of the positive member's
+            prediction (calibri-reference.md, "Ensemble": Qwen-Image, as its own true CFG does); the search's default.
+        clip_type: the ``comfy.sd.CLIPType`` member ``load_clip`` reads this family's text-encoder files with
+            (ComfyUI's ``comfy/sd.py``: 0.3.75, OVIS and LONGCAT_IMAGE since 0.3.76); a run config's
+            ``[model.options] clip_type`` overrides it. "" where none is known.
+        models: well-known checkpoints (id → ``KnownModel``): the models the reference ran (calibri-reference.md,
+            "What is scaled"), with the counts ComfyUI reads from their released weights; the reference pipelines
+            (``calibri_core.layouts``) and the shipped SLG presets (``calibri_core.slg``) use them.
     """
 
     name: str
@@ -43,9 +72,19 @@ class Family:
     stacked_batch_copies: bool = False
     discarded: Callable[[dict], tuple[str, ...]] = lambda counts: ()
     row_caches: tuple[str, ...] = ()
+    cfg: float | None = None
+    guidance: float | None = None
+    rescale: bool = False
+    clip_type: str = ""
+    models: dict[str, KnownModel] = field(default_factory=dict)
 
     def layout(self, counts: dict) -> SiteLayout:
         return SiteLayout(self.name, dict(counts), tuple(self.gates(counts)))
+
+    @property
+    def default_cfg(self) -> float:
+        """The CFG scale a search samples with when its config gives none: ``cfg``, or 1 without a cfg case."""
+        return 1.0 if self.cfg is None else self.cfg
 
 
 def stream_gates(block: str, streams: dict[str, str], branches: dict[str, tuple[str, int, int]]) -> list[Gate]:

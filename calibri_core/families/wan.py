@@ -53,4 +53,5 @@ FAMILY = Family(
     row_caches=("animate2_cache",),  # WanAnimate2Cache: the pose branch from row 0 at the first step, reused
     dit_blocks={"double_block": "blocks"},
     ungated="cross-attention is added without a gate and is never scaled",
+    clip_type="WAN",
 )

@@ -37,17 +37,31 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 sys.path.append(str(ROOT / "tests"))
-from tiny_models import flux1_unet  # noqa: E402
+from tiny_models import FLUX_PARAMS, flux1_unet, host_fields  # noqa: E402
 
 # Model shapes. CPU: small Flux. GPU: Flux.1 dev architecture (12B parameters).
 FLUX_CPU = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
                 hidden_size=512, mlp_ratio=4.0, num_heads=8, depth=4, depth_single_blocks=8, axes_dim=[16, 24, 24],
                 theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
 FLUX_GPU = dict(FLUX_CPU, hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56])
+# Flux.2: one modulation layer shared by all blocks, so Calibri scales branch outputs (in place) rather than
+# modulation chunks: the family the memory target is about. GPU: FLUX.2 dev's block layout (8 double, 48 single).
+FLUX2_CPU = dict(image_model="flux2", in_channels=32, out_channels=32, vec_in_dim=None, context_in_dim=1024,
+                 hidden_size=512, mlp_ratio=3.0, num_heads=8, depth=4, depth_single_blocks=8,
+                 axes_dim=[16, 16, 16, 16], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=True,
+                 global_modulation=True, mlp_silu_act=True, ops_bias=False)
+FLUX2_GPU = dict(FLUX2_CPU, context_in_dim=15360, hidden_size=6144, num_heads=48, depth=8, depth_single_blocks=48,
+                 axes_dim=[32, 32, 32, 32])
 SETUPS = {
     "cpu": dict(unet=FLUX_CPU, latent=(16, 64, 64), text_tokens=64, dtype=torch.float32, device="cpu"),
     "gpu": dict(unet=FLUX_GPU, latent=(16, 128, 128), text_tokens=512, dtype=torch.bfloat16, device="cuda"),
+    "cpu-flux2": dict(unet=FLUX2_CPU, latent=(32, 32, 32), text_tokens=64, dtype=torch.float32, device="cpu"),
+    "gpu-flux2": dict(unet=FLUX2_GPU, latent=(128, 64, 64), text_tokens=512, dtype=torch.bfloat16, device="cuda"),
 }
+
+
+def setup_for(gpu: bool, family: str) -> dict:
+    return SETUPS[("gpu" if gpu else "cpu") + ("" if family == "flux" else f"-{family}")]
 BIG = 1 << 20  # tensors of at least 1 MiB count as "large" in the copy check
 
 
@@ -65,7 +79,10 @@ def build_patcher(setup: dict, seed: int = 0):
     import comfy.supported_models
 
     device = torch.device(setup["device"])
-    config = comfy.supported_models.Flux(flux1_unet(setup["unet"]))
+    if setup["unet"]["image_model"] == "flux2":
+        config = comfy.supported_models.Flux2(dict(setup["unet"], **host_fields(FLUX_PARAMS, {"txt_ids_dims": [3]})))
+    else:
+        config = comfy.supported_models.Flux(flux1_unet(setup["unet"]))
     config.set_inference_dtype(setup["dtype"], None)
     model = config.get_model({}, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -80,7 +97,8 @@ def build_patcher(setup: dict, seed: int = 0):
 def conditioning(setup: dict, seed: int = 1) -> list:
     generator = torch.Generator().manual_seed(seed)
     context = torch.randn(1, setup["text_tokens"], setup["unet"]["context_in_dim"], generator=generator)
-    pooled = torch.randn(1, setup["unet"]["vec_in_dim"], generator=generator)
+    vec = setup["unet"]["vec_in_dim"]
+    pooled = torch.randn(1, vec, generator=generator) if vec else None
     return [[context, {"pooled_output": pooled, "guidance": 3.5}]]
 
 
@@ -192,7 +210,11 @@ def bench_isolated(setup: dict, iterations: int = 2000) -> dict:
     base = build_patcher(setup)
     calibrated = apply_calibration(base, random_calibration(base, seed=7))
     device, dtype = torch.device(setup["device"]), setup["dtype"]
-    vec = torch.randn(1, setup["unet"]["hidden_size"], device=device, dtype=dtype)
+
+    def input_for(key: str) -> torch.Tensor:  # one token of the width the patched module reads
+        module = base.get_model_object(key[: -len(".forward")])
+        first = next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
+        return torch.randn(1, first.in_features, device=device, dtype=dtype)
 
     def clock(fn) -> float:
         for _ in range(20):
@@ -213,9 +235,10 @@ def bench_isolated(setup: dict, iterations: int = 2000) -> dict:
                 continue
             active = forward.__closure__[forward.__code__.co_freevars.index("active")].cell_contents
             original = base.get_model_object(key)
-            active.set(rows)
+            vec = input_for(key)
+            active.set(rows, device)
             patched_total += clock(lambda: forward(vec))
-            active.set(None)
+            active.set(None, device)
             original_total += clock(lambda: original(vec))
             modules += 1
         wrapper = calibrated.wrappers[comfy.patcher_extension.WrappersMP.APPLY_MODEL][PATCH_KEY][0]
@@ -223,8 +246,13 @@ def bench_isolated(setup: dict, iterations: int = 2000) -> dict:
         t = torch.ones(1, device=device)
         options = {"sigmas": t}
 
-        def executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-            return x
+        class Executor:  # the wrapper reads the BaseModel it wraps (its model_sampling) from class_obj
+            class_obj = base.model
+
+            def __call__(self, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+                return x
+
+        executor = Executor()
 
         wrapped = clock(lambda: wrapper(executor, x, t, None, None, None, options))
         bare = clock(lambda: executor(x, t, None, None, None, options))
@@ -303,9 +331,9 @@ def large_tensors(exclude: set[int]) -> list[tuple[tuple, str]]:
     return sorted(found)
 
 
-def memory_child(variant: str, gpu: bool, steps: int) -> dict:
+def memory_child(variant: str, gpu: bool, steps: int, family: str = "flux") -> dict:
     """Measure one variant in this (fresh) process; returns figures as a dict."""
-    setup = SETUPS["gpu" if gpu else "cpu"]
+    setup = setup_for(gpu, family)
     from calibri_core.host import apply_calibration
 
     base = build_patcher(setup)
@@ -343,10 +371,11 @@ def memory_child(variant: str, gpu: bool, steps: int) -> dict:
     return result
 
 
-def bench_memory(gpu: bool, steps: int) -> dict:
+def bench_memory(gpu: bool, steps: int, family: str = "flux") -> dict:
     out = {}
     for variant in ("unpatched", "calibrated"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", variant, "--steps", str(steps)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", variant, "--steps", str(steps),
+               "--family", family]
         cmd += ["--gpu"] if gpu else []
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -387,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-reps", type=int, default=None, help="repetitions of the batched-members pair")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-child", choices=("unpatched", "calibrated"), help=argparse.SUPPRESS)
+    parser.add_argument("--family", choices=("flux", "flux2"), default="flux",
+                        help="flux: FLUX.1-shaped (gates are modulation chunks); flux2: FLUX.2-shaped (gated branch "
+                             "outputs, scaled in place)")
     args = parser.parse_args(argv)
     activate(args.gpu)
     if args.gpu and not torch.cuda.is_available():
@@ -394,20 +426,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args.gpu:
         torch.set_num_threads(2)
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, args.gpu, args.steps or 2)))
+        print(json.dumps(memory_child(args.memory_child, args.gpu, args.steps or 2, args.family)))
         return 0
-    setup = SETUPS["gpu" if args.gpu else "cpu"]
+    setup = setup_for(args.gpu, args.family)
     reps = args.reps or (20 if args.gpu else 12)
     steps = args.steps or (5 if args.gpu else 2)
     batch_reps = args.batch_reps or (10 if args.gpu else 3)
     unet = setup["unet"]
-    tokens = (setup["latent"][1] // 2) * (setup["latent"][2] // 2)
+    patch = unet["patch_size"]
+    tokens = (setup["latent"][1] // patch) * (setup["latent"][2] // patch)
     print(f"Calibri engine benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"machine: {machine(args.gpu)}; load average at start {os.getloadavg()[0]:.2f}")
-    print(f"model: Flux, hidden {unet['hidden_size']}, {unet['depth']} double + {unet['depth_single_blocks']} single "
-          f"blocks, {unet['num_heads']} heads, axes_dim {unet['axes_dim']}; latent {setup['latent']} ({tokens} image "
-          f"tokens) + {setup['text_tokens']} text tokens, batch 1, {str(setup['dtype']).replace('torch.', '')}, "
-          f"{setup['device']}; calibration: gate granularity, random scales in 1±[0.01, 0.2]")
+    print(f"model: {unet['image_model']}, hidden {unet['hidden_size']}, {unet['depth']} double + "
+          f"{unet['depth_single_blocks']} single blocks, {unet['num_heads']} heads, axes_dim {unet['axes_dim']}; "
+          f"latent {setup['latent']} ({tokens} image tokens) + {setup['text_tokens']} text tokens, batch 1, "
+          f"{str(setup['dtype']).replace('torch.', '')}, {setup['device']}; "
+          f"calibration: gate granularity, random scales in 1±[0.01, 0.2]")
     print(f"step = one guided denoiser call inside comfy.sample.sample_custom (cfg 1); "
           f"{reps} interleaved reps × {steps} steps, 1 warm-up rep\n")
 
@@ -428,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(IQR {q1:.4f}–{q3:.4f})")
     isolated = bench_isolated(setup)
     per_step = isolated["forwards"] + isolated["wrapper"]
-    print(f"   isolated engine work per step: {isolated['modules']} patched modulation forwards "
+    print(f"   isolated engine work per step: {isolated['modules']} patched module forwards "
           f"+{isolated['forwards'] * 1e6:.0f} µs, APPLY_MODEL wrapper +{isolated['wrapper'] * 1e6:.0f} µs; "
           f"total {per_step * 1e3:.2f} ms = {100 * per_step / medians[0]:.3f} % of the unpatched median step")
     print(f"   [{time.perf_counter() - started:.0f} s]\n")
@@ -445,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_memory:
         started = time.perf_counter()
-        memory = bench_memory(args.gpu, 2)
+        memory = bench_memory(args.gpu, 2, args.family)
         print("3. memory of a 2-step sampling run, each variant in a fresh process (MiB)")
         print("   run peak = VmHWM after resetting it once the model is built; lifetime peak = ru_maxrss")
         print(f"   {'variant':<12} {'RSS at start':>12} {'run peak':>10} {'run peak−start':>15} {'lifetime peak':>14}"
