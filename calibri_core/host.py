@@ -44,13 +44,17 @@ class _ActiveRows:
         self._source: Optional[torch.Tensor] = None  # the last row source tensor copied, and what came of it
         self._copy: tuple[Optional[torch.Tensor], dict] = (None, {})
 
+    window: Optional[torch.Tensor] = None
+    """A 0-dim bool on the device while the calibration acts on part of the schedule only: is this call inside?"""
+
     def state(self) -> tuple:
-        return self.rows, self._factors
+        return self.rows, self._factors, self.window
 
     def restore(self, state: tuple) -> None:
-        self.rows, self._factors = state
+        self.rows, self._factors, self.window = state
 
-    def set(self, rows: Optional[torch.Tensor], device: torch.device) -> None:
+    def set(self, rows: Optional[torch.Tensor], device: torch.device, window: Optional[torch.Tensor] = None) -> None:
+        self.window = window
         if rows is None:
             self.rows = None
             return
@@ -123,6 +127,8 @@ def _scaled_forward(original: Callable, active: _ActiveRows, gates: list[tuple[i
             return out
         key = (module, out.device, out.dtype, out.ndim, out.shape[0], out.shape[-1])
         factor = active.factor(key, lambda: build(out))
+        if active.window is not None:  # decided on the device: ×1 (exact) outside the window, no host read
+            factor = torch.where(active.window, factor, 1.0)
         if chunks == 1 and _owns(out, args, kwargs):
             return out.mul_(factor)
         return out * factor
@@ -133,9 +139,14 @@ def _scaled_forward(original: Callable, active: _ActiveRows, gates: list[tuple[i
 _FIRST_ROWS: "weakref.WeakKeyDictionary[Any, Optional[torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
-def _check_cached_rows(key: str, cache: Any, rows: Optional[torch.Tensor]) -> None:
+def _check_cached_rows(key: str, cache: Any, rows: Optional[torch.Tensor], partial: bool = False) -> None:
     """Refuse scales that a row cache (see ``Family.row_caches``) would drop: rows that differ from each other, or
     from the first call that filled the cache (an active range that starts or ends mid-run, a varying ensemble)."""
+    if rows is not None and partial:
+        raise RuntimeError(f"Calibri: ComfyUI's {key!r} (set by a cache node on this MODEL) computes part of the "
+                           "model at the first step and reuses it, so a calibration that acts on part of the "
+                           "schedule only would keep the first step's state there. Remove the cache node, or set "
+                           "start_percent 0 and end_percent 1.")
     if rows is not None and rows.shape[0] > 1 and not bool(torch.all(rows == rows[:1])):
         raise RuntimeError(f"Calibri: ComfyUI's {key!r} (set by a cache node on this MODEL) reuses batch row 0's "
                            "results for every row, so the rows of this ensemble or search batch would all get "
@@ -200,26 +211,28 @@ def apply_row_scales(model: Any, row_source: RowSource, *, output_weight: Option
                                                       family.stacked_batch_copies))
 
     def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-        # the schedule as this call samples it, shift nodes placed before or after included
-        inside = active_range.contains(transformer_options.get("sigmas"), executor.class_obj.model_sampling)
-        rows = row_source(transformer_options, x.shape[0]) if inside else None
+        # Inside the range or not, on the schedule as this call samples it (shift nodes before or after included),
+        # decided on the device; rows and weights are host tensors, so nothing here waits for the device.
+        window = active_range.window(transformer_options.get("sigmas"), executor.class_obj.model_sampling)
+        rows = row_source(transformer_options, x.shape[0])
         if rows is not None and bool(torch.all(rows == 1)):
             rows = None  # identity: leave the forward bit-identical and free
         for key in family.row_caches:
             if transformer_options.get(key) is not None:
-                _check_cached_rows(key, transformer_options[key], rows)
+                _check_cached_rows(key, transformer_options[key], rows, partial=window is not None)
         previous = active.state()
-        active.set(rows, x.device)
+        active.set(rows, x.device, window)
         try:
             denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
             active.restore(previous)
-        weight = output_weight(transformer_options, x.shape[0]) if output_weight and inside else None
+        weight = output_weight(transformer_options, x.shape[0]) if output_weight else None
         if weight is None or bool(torch.all(weight == 1)):
             return denoised
         # Flow models return x0 = x − σ·v; scaling v by ω is x + ω·(x0 − x) (see comfyui.md C).
         weight = weight.to(denoised).reshape((-1,) + (1,) * (denoised.ndim - 1))
-        return x + weight * (denoised - x)
+        weighted = x + weight * (denoised - x)
+        return weighted if window is None else torch.where(window, weighted, denoised)
 
     import comfy.patcher_extension  # ComfyUI is imported only when a model is actually patched
 
@@ -252,6 +265,15 @@ class ActiveRange:
         sigma_start, sigma_end = self._bounds(model_sampling)
         sigma = float(sigmas.reshape(-1)[0])
         return sigma_end <= sigma <= sigma_start
+
+    def window(self, sigmas: Optional[torch.Tensor], model_sampling: Any) -> Optional[torch.Tensor]:
+        """``contains`` decided on the device, without waiting for it: a 0-dim bool tensor, or None for the whole
+        schedule (the bounds are read once per schedule, not per step)."""
+        if (self.start_percent == 0.0 and self.end_percent == 1.0) or sigmas is None:
+            return None
+        sigma_start, sigma_end = self._bounds(model_sampling)
+        sigma = sigmas.reshape(-1)[0]
+        return (sigma >= sigma_end) & (sigma <= sigma_start)
 
     def _bounds(self, model_sampling: Any) -> tuple[float, float]:
         try:

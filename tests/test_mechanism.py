@@ -85,3 +85,75 @@ def test_an_ensemble_builds_each_multiplier_at_most_once_per_forward(monkeypatch
     modules = {g.module for g in layout.gates}
     assert len(forwards) == 1, "both members in one batched forward"
     assert sorted(builds) == sorted(modules) * len(forwards)
+
+
+class _DeviceSide(torch.Tensor):
+    """Tensors that would live on the GPU in a real run (the latent, sigmas and everything computed from them).
+
+    Reading one into Python (``bool``, ``float``, ``item``, ...) would wait for the device; each such read made by
+    Calibri's code is recorded with where it happened. Host tables (scale rows, weights) stay plain tensors.
+    """
+
+    reads: list = []
+    _READS = {torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__,
+              torch.Tensor.item, torch.Tensor.tolist}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls._READS:
+            import inspect
+
+            ours = [f"{frame.filename.rsplit('/', 1)[-1]}:{frame.function}" for frame in inspect.stack()[1:8]
+                    if "/calibri_core/" in frame.filename]
+            if ours:
+                cls.reads.append(ours[0])
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _device_side_sample(model, family="flux", steps=3, guider=None):
+    import comfy.sample
+    import comfy.samplers
+
+    empty = torch.zeros((1,) + tm.SPECS[family].latent)
+    noise = comfy.sample.prepare_noise(empty, 0).as_subclass(_DeviceSide)
+    positive, negative = tm.conditioning(family, seed=11), tm.conditioning(family, seed=12)
+    _DeviceSide.reads = []
+    with torch.no_grad():
+        if guider is None:
+            comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, negative,
+                                empty.as_subclass(_DeviceSide), seed=0, disable_pbar=True)
+        else:
+            guider.set_conds(positive, negative)
+            sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"),
+                                                     "simple", steps)
+            guider.sample(noise, empty.as_subclass(_DeviceSide), comfy.samplers.sampler_object("euler"), sigmas,
+                          seed=0, disable_pbar=True)
+    return list(_DeviceSide.reads)
+
+
+def test_calibri_apply_never_waits_for_the_device_in_a_step():
+    from calibri_core.host import ActiveRange
+
+    patcher = tm.build_patcher("flux")
+    _, layout = model_layout(patcher)
+    calibration = gate_calibration(layout, [1.2] * len(layout.gates))
+    for window in (ActiveRange(), ActiveRange(0.2, 0.6)):
+        assert _device_side_sample(apply_calibration(patcher, calibration, active_range=window)) == [], window
+
+
+def test_ensembles_wait_for_the_device_only_to_decide_a_partial_window():
+    """With the whole schedule, no read. With a partial window, one read of the step's sigma per guider call: which
+    passes run outside the window (members merged, uncalibrated) is a host decision; reading it on the device
+    instead would mean running every member at every step."""
+    from calibri_core.host import ActiveRange
+    from calibri_core.sampling import EnsembleGuider, apply_ensemble
+
+    patcher = tm.build_patcher("flux")
+    _, layout = model_layout(patcher)
+    n = len(layout.gates)
+    calibration = Calibration(layout.family, "gate", layout.site_names("gate"),
+                              (Member((1.2,) * n, 1.5, "positive"), Member((0.8,) * n, -0.5, "positive")))
+    assert _device_side_sample(apply_ensemble(patcher, calibration)) == []
+    assert _device_side_sample(None, guider=EnsembleGuider(patcher, calibration)) == []
+    reads = _device_side_sample(None, steps=3, guider=EnsembleGuider(patcher, calibration, ActiveRange(0.2, 0.6)))
+    assert reads == ["host.py:contains"] * 3

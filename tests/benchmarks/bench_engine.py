@@ -18,6 +18,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import gc
 import json
@@ -50,8 +51,8 @@ FLUX2_CPU = dict(image_model="flux2", in_channels=32, out_channels=32, vec_in_di
                  hidden_size=512, mlp_ratio=3.0, num_heads=8, depth=4, depth_single_blocks=8,
                  axes_dim=[16, 16, 16, 16], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=True,
                  global_modulation=True, mlp_silu_act=True, ops_bias=False)
-FLUX2_GPU = dict(FLUX2_CPU, context_in_dim=15360, hidden_size=6144, num_heads=48, depth=8, depth_single_blocks=48,
-                 axes_dim=[32, 32, 32, 32])
+FLUX2_GPU = dict(FLUX2_CPU, in_channels=128, out_channels=128, context_in_dim=15360, hidden_size=6144, num_heads=48,
+                 depth=8, depth_single_blocks=48, axes_dim=[32, 32, 32, 32])
 SETUPS = {
     "cpu": dict(unet=FLUX_CPU, latent=(16, 64, 64), text_tokens=64, dtype=torch.float32, device="cpu"),
     "gpu": dict(unet=FLUX_GPU, latent=(16, 128, 128), text_tokens=512, dtype=torch.bfloat16, device="cuda"),
@@ -318,6 +319,40 @@ def rss_bytes() -> int:
     return status_bytes("VmRSS")
 
 
+def heap_in_use() -> int:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_peak_tracker(model):
+    """Bytes in use in the C heap (glibc mallinfo2: small blocks + mmap'd blocks, where torch's CPU tensors live),
+    sampled before and after every module's forward. Unlike RSS it does not depend on what the allocator keeps
+    mapped, so the two variants' peaks compare to the byte. Returns (peak dict, hook handles); None off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None, []
+    peak = {"bytes": 0}
+
+    def sample(*_):
+        info = libc.mallinfo2()
+        peak["bytes"] = max(peak["bytes"], info.uordblks + info.hblkhd)
+
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(sample))
+        handles.append(module.register_forward_hook(sample))
+    return peak, handles
+
+
 def large_tensors(exclude: set[int]) -> list[tuple[tuple, str]]:
     """Shapes of live tensors ≥ 1 MiB whose storage is not one of ``exclude`` (the model's parameters)."""
     found = []
@@ -358,7 +393,11 @@ def memory_child(variant: str, gpu: bool, steps: int, family: str = "flux") -> d
                                if t.data_ptr() != params[n])
         seen["extra_large"] = large_tensors(storages)
 
+    heap, handles = (None, []) if gpu else heap_peak_tracker(diffusion_model)
+    heap_start = heap_in_use() if heap is not None else 0
     run_sampling(patcher, setup, steps, on_loaded=on_loaded)
+    for handle in handles:
+        handle.remove()
     peak_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = dict(variant=variant, param_bytes=param_bytes, baseline_rss=baseline_rss,
                   baseline_maxrss=baseline_maxrss, peak_maxrss=peak_maxrss, hwm_reset=reset,
@@ -368,6 +407,8 @@ def memory_child(variant: str, gpu: bool, steps: int, family: str = "flux") -> d
                                      if t.data_ptr() != params[n]))
     if gpu:
         result.update(baseline_cuda=baseline_cuda, peak_cuda=torch.cuda.max_memory_allocated())
+    if heap is not None:
+        result.update(heap_start=heap_start, heap_peak=heap["bytes"])
     return result
 
 
@@ -499,6 +540,11 @@ def main(argv: list[str] | None = None) -> int:
               f"(weights {u['param_bytes'] / 2**20:.1f} MiB); target ≤ 1.01")
         if args.gpu:
             print(f"   peak CUDA calibrated/unpatched: {c['peak_cuda'] / u['peak_cuda']:.4f}")
+        if "heap_peak" in u and "heap_peak" in c:
+            print(f"   C-heap peak during the run (mallinfo2, sampled at every module boundary): unpatched "
+                  f"{mib(u['heap_peak']).strip()} MiB, calibrated {mib(c['heap_peak']).strip()} MiB, ratio "
+                  f"{c['heap_peak'] / u['heap_peak']:.4f}, difference {(c['heap_peak'] - u['heap_peak']) / 2**20:+.2f} "
+                  f"MiB; target ≤ 1.01")
         print(f"   parameters moved/copied (data_ptr changed) during the calibrated run: {len(c['moved_in_run'])}, "
               f"after it: {len(c['moved_after'])}")
         print(f"   live tensors ≥ 1 MiB outside the weights while patched: calibrated {len(c['extra_large_in_run'])}, "
