@@ -1,13 +1,21 @@
-"""``python -m search`` / ``calibri-search``: run, check or resume a Calibri search from a TOML run config."""
+"""``python -m search`` / ``calibri-search``: run, check or resume a Calibri search from a TOML run config.
+
+The ComfyUI host is found as ``python -m calibri_core.comfy_env serve|test`` find it (``COMFYUI_PATH``, the ComfyUI
+that contains this pack, the pinned snapshot) but never provisioned here, and activated (``comfy_env.activate``:
+first on ``sys.path``, ``args.cpu`` without CUDA) after the config is validated and before anything imports ComfyUI.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
-from .config import ConfigError, load_config, parse_override, schema_help
+from .config import EVALUATOR_DEFAULT, ConfigError, RunConfig, load_config, parse_override, schema_help
+
+logger = logging.getLogger("calibri")
 
 # Shortcut flags: (flag, config key, type, help).
 _SHORTCUTS = (
@@ -24,15 +32,40 @@ _SHORTCUTS = (
     ("--preset", "output.preset", str, "extra copy of the best preset (.safetensors)"),
 )
 
+_SMOKE_HELP = ("smoke tests and benchmarks: [model] options = { clip_type = \"hash\" } loads only the diffusion model: "
+               "prompts become seeded noise (search.models.HashTextEncoder) and, without model.vae, latents are "
+               "decoded by ComfyUI's latent-preview colours (LatentRGBDecoder). No text-encoder or VAE weights are "
+               "needed, and the images mean nothing: use it to check a set-up or time a run, never to calibrate.")
+
+
+def find_host(config: RunConfig):
+    """The ComfyUI host (``calibri_core.comfy_env.find_host`` without provisioning), or None for a
+    ``python:`` evaluator when there is none. The ComfyUI evaluator cannot run without one, and a ``COMFYUI_PATH``
+    that is not a ComfyUI is an error for every evaluator: ConfigError."""
+    from calibri_core import comfy_env
+
+    try:
+        return comfy_env.find_host(provision=False)
+    except comfy_env.ComfyHostError as e:
+        if config.search["evaluator"] == EVALUATOR_DEFAULT:
+            raise ConfigError(f"{e} The search samples with ComfyUI's own code (search.evaluator = 'comfy'), so it "
+                              f"needs that host; `python -m calibri_core.comfy_env where` shows which one is "
+                              f"used.") from None
+        if os.environ.get("COMFYUI_PATH"):
+            raise ConfigError(str(e)) from None
+        logger.warning("Calibri: no ComfyUI host (%s); running the evaluator %s without one.", e,
+                       config.search["evaluator"])
+        return None
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calibri-search",
         description="Search Calibri gate scales (and ensemble weights ω) for a DiT model with CMA-ES, scoring images "
                     "with reward models, as in the reference protocol (arXiv 2603.24800). The run config is a TOML "
-                    "file; options below override it. Launch with torchrun --nproc_per_node=K to shard candidates "
-                    "over K processes.",
-        epilog=schema_help() + "\n\nSee search/example_config.toml.",
+                    "file; options below override it. Launch with torchrun --standalone --nproc_per_node=K to shard "
+                    "candidates over K processes.",
+        epilog=schema_help() + "\n\n" + _SMOKE_HELP + "\n\nSee search/example_config.toml.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the run config (TOML). With --resume it is optional and must match the "
                                          "run's stored config.json.")
@@ -69,13 +102,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.resume and "output.run_dir" in overrides:
             parser.error("--resume RUN_DIR already names the run dir; drop --run-dir / output.run_dir.")
         config = load_config(args.config, overrides, resume=args.resume)
+        host = find_host(config)
     except ConfigError as e:
         parser.error(str(e))
-    if args.check:
+    if args.check:  # nothing imported from ComfyUI, no model loaded
         sys.stdout.write(f"config OK: {config.model['family']} {config.search['granularity']}, "
                          f"{len(config.members)} member(s), {len(config.train_prompts)} train / "
-                         f"{len(config.val_prompts)} validation prompts, run dir {config.run_dir}\n")
+                         f"{len(config.val_prompts)} validation prompts, run dir {config.run_dir}\n"
+                         f"host: {host.report() if host else 'none'}\n")
         return 0
+    if host is not None:
+        from calibri_core import comfy_env
+
+        try:
+            comfy_env.activate(host)  # before anything imports comfy (comfy.model_management reads args.cpu)
+        except comfy_env.ComfyHostError as e:
+            parser.error(str(e))
+        logger.info("Calibri: %s", host.report())
     from .loop import run_search
 
     try:

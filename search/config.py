@@ -196,7 +196,9 @@ def _fill(raw: dict) -> dict:
                                   f"{', '.join(keys)}.")
         out[section] = {}
         for k, (default, types, _) in keys.items():
-            if k in given:
+            if k in given and given[k] is None and default is None:  # "none / derived", as config.json stores it
+                out[section][k] = None
+            elif k in given:
                 _check_type(f"{section}.{k}", given[k], types)
                 out[section][k] = copy.deepcopy(given[k])
             elif default is _MISSING:

@@ -2,7 +2,10 @@
 
 Three pieces make an image pipeline: a diffusion MODEL (ComfyUI ModelPatcher), a text encoder (prompt → conditioning)
 and a decoder (latent → IMAGE [B,H,W,3] in [0,1]). ``load_bundle`` reads them from local files through
-``comfy.sd``; tests and benchmarks build a :class:`ModelBundle` directly from in-memory objects.
+``comfy.sd``; tests and benchmarks build a :class:`ModelBundle` directly from in-memory objects, or load only the
+diffusion model with ``clip_type="hash"`` (``[model] options = { clip_type = "hash" }`` in a run config): prompts
+are then encoded by :class:`HashTextEncoder` and latents decoded by :class:`LatentRGBDecoder` (no weights; for smoke
+tests and benchmarks, never for a real calibration).
 
 Call ``calibri_core.comfy_env.activate()`` before using anything here; ComfyUI is imported lazily.
 """
@@ -95,6 +98,30 @@ class LatentRGBDecoder:
             x = x.movedim(2, 1).reshape(-1, x.shape[1], x.shape[3], x.shape[4])
         rgb = torch.einsum("bchw,cr->bhwr", x, self.factors) + self.bias
         return ((rgb + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+HASH_CLIP_TYPE = "hash"
+"""``clip_type`` that loads no text encoder: prompts become seeded noise (:class:`HashTextEncoder`), and without a VAE
+file latents are decoded by :class:`LatentRGBDecoder`. Smoke tests and benchmarks only: the images mean nothing."""
+HASH_TOKENS = 8
+"""Tokens per prompt of the hash encoder."""
+
+
+def hash_encoder_for(patcher: Any) -> HashTextEncoder:
+    """A :class:`HashTextEncoder` shaped for ``patcher``'s text input, read from ComfyUI's detected ``unet_config``:
+    the cross-attention width (``context_in_dim``, ``joint_attention_dim``, ``cap_feat_dim``, ``text_dim`` or SD3's
+    ``context_embedder_config``) and the pooled width (``vec_in_dim`` or ``adm_in_channels``; 0 when absent)."""
+    unet = dict(getattr(patcher.model.model_config, "unet_config", {}) or {})
+    width = next((unet[k] for k in ("context_in_dim", "joint_attention_dim", "cap_feat_dim", "text_dim")
+                  if unet.get(k)), None)
+    embedder = unet.get("context_embedder_config") or {}
+    width = width or (embedder.get("params") or {}).get("in_features")
+    if not width:
+        raise ValueError(f"Calibri: clip_type 'hash' cannot tell the text width of this "
+                         f"{type(patcher.model).__name__} (its unet_config has none of context_in_dim, "
+                         f"joint_attention_dim, cap_feat_dim, text_dim, context_embedder_config); give text_encoders.")
+    pooled = unet.get("vec_in_dim") or unet.get("adm_in_channels") or 0
+    return HashTextEncoder(HASH_TOKENS, int(width), int(pooled))
 
 
 class ComfyVAEDecoder:
@@ -193,7 +220,8 @@ def load_bundle(*, model: Any = None, checkpoint: Any = None, text_encoders: Seq
 
     Either ``checkpoint`` (all-in-one, ``load_checkpoint_guess_config``; separate ``text_encoders`` / ``vae``
     override its parts) or ``model`` (``load_diffusion_model``) plus ``text_encoders`` (``load_clip`` with the
-    detected family's ``Family.clip_type``, or ``clip_type``) and ``vae``.
+    detected family's ``Family.clip_type``, or ``clip_type``) and ``vae``. ``clip_type="hash"``
+    (:data:`HASH_CLIP_TYPE`) loads no text encoder and, without ``vae``, no VAE: smoke tests and benchmarks only.
     """
     import comfy.sd
     import comfy.utils
@@ -204,13 +232,18 @@ def load_bundle(*, model: Any = None, checkpoint: Any = None, text_encoders: Seq
         raise ValueError("Calibri: give exactly one of 'model' (a diffusion model file) or 'checkpoint' "
                          "(an all-in-one checkpoint).")
     te_paths = [_existing(p, "text encoder file") for p in text_encoders]
+    hashed = (clip_type or "").lower() == HASH_CLIP_TYPE
+    if hashed and te_paths:
+        raise ValueError(f"Calibri: clip_type '{HASH_CLIP_TYPE}' encodes prompts without weights; drop the "
+                         f"text_encoders files or choose another clip_type.")
     vae_path = _existing(vae, "VAE file") if vae is not None else None
     options = {"dtype": _dtype(dtype)} if _dtype(dtype) is not None else {}
     ckpt_clip = ckpt_vae = None
     if checkpoint is not None:
         path = _existing(checkpoint, "checkpoint file")
         patcher, ckpt_clip, ckpt_vae, _ = comfy.sd.load_checkpoint_guess_config(
-            str(path), output_vae=vae_path is None, output_clip=not te_paths, model_options=options)
+            str(path), output_vae=vae_path is None and not hashed, output_clip=not te_paths and not hashed,
+            model_options=options)
     else:
         path = _existing(model, "diffusion model file")
         patcher = comfy.sd.load_diffusion_model(str(path), model_options=options)
@@ -219,7 +252,9 @@ def load_bundle(*, model: Any = None, checkpoint: Any = None, text_encoders: Seq
     files = {"model": str(path), "text_encoders": [str(p) for p in te_paths],
              "vae": str(vae_path) if vae_path else None}
 
-    if te_paths:
+    if hashed:
+        encoder: Any = hash_encoder_for(patcher)
+    elif te_paths:
         type_name = (clip_type or family.clip_type).upper()
         if not hasattr(comfy.sd.CLIPType, type_name):
             raise ValueError(f"Calibri: no text-encoder type known for family {family.name!r}; pass clip_type "
@@ -242,6 +277,8 @@ def load_bundle(*, model: Any = None, checkpoint: Any = None, text_encoders: Seq
         decoder: Any = ComfyVAEDecoder(comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(vae_path))))
     elif ckpt_vae is not None:
         decoder = ComfyVAEDecoder(ckpt_vae)
+    elif hashed:
+        decoder = None  # ModelBundle.make_decoder: LatentRGBDecoder
     else:
         raise ValueError(f"Calibri: no VAE for {path.name}; pass vae (a local file).")
     return ModelBundle(patcher, encoder, decoder, name=path.name, sha256=sha, files=files)
