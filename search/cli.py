@@ -19,7 +19,7 @@ logger = logging.getLogger("calibri")
 
 # Shortcut flags: (flag, config key, type, help).
 _SHORTCUTS = (
-    ("--generations", "search.generations", int, "number of CMA-ES generations"),
+    ("--generations", "search.generations", int, "cap on CMA-ES generations (default: pycma's own stop criteria)"),
     ("--budget-hours", "search.budget_hours", float, "stop after this many hours (0 = no limit)"),
     ("--seed", "search.seed", int, "base seed"),
     ("--popsize", "search.popsize", int, "candidates per generation (0 = 4 + 3 ln n)"),
@@ -126,6 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         parser.error(str(e))
     if result is not None:
-        sys.stdout.write(f"best preset: {result.best_preset} (validation {result.best_val}, baseline "
-                         f"{result.baseline_val})\nlast mean:   {result.mean_preset}\n")
+        sys.stdout.write(f"best preset: {result.best_preset} ({config.output['final']}; best validation "
+                         f"{result.best_val}, baseline {result.baseline_val})\nlast mean:   {result.mean_preset}\n")
     return 0

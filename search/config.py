@@ -1,12 +1,13 @@
 """Run configuration of the search: a TOML file, command-line overrides, and validation before any model loads.
 
 Every key, its default and its meaning is in :data:`SCHEMA`; ``calibri-search --help`` prints that table. The
-defaults reproduce the reference protocol (``reference/calibri-reference.md``, "Search protocol"): CMA-ES with
-sigma0 0.25, population 4 + 3 ln n, x0 = identity injected in generation 1, scales in [-1, 2], ω in [-10, 10],
-buckets of 16 training prompts with seed = base seed + generation, 512×512 images, 15 steps, validation every 10
-generations on held-out prompts with seed 1234. Family-dependent defaults come from the family tables
-(``calibri_core.families``): ``Family.guidance`` (distilled guidance) and ``Family.cfg``, whose families start from
-the reference's "cfg case" ensemble (member 1 positive, member 2 negative, ω = (cfg, 1 − cfg)).
+defaults are the reference protocol (``reference/calibri-reference.md``, "Search protocol"; issue 9), read from one
+table: :data:`PROTOCOL` holds the protocol-wide values with their sources in the authors' repository
+(v-gen-ai/Calibri), :data:`FAMILY_DEFAULTS` names the family-table fields (``calibri_core.families``: ``cfg``,
+``guidance``, ``search_cfg``, ``search_granularity``, ``search_population``, ``search_micro_batch``) that hold the
+per-family ones. Each deliberate deviation from the reference is a named option (``output.final``, ``[[rewards]]``
+hpsv3 ``jpeg_quality``, ``search.generations``, ``search.fixed_noise``). Not done yet: the reference samples with
+diffusers' resolution-dependent shift; the search samples with ComfyUI's scheduler (``sampling.scheduler``).
 """
 
 from __future__ import annotations
@@ -33,11 +34,68 @@ RESUMABLE_CHANGES = ("search.generations", "search.budget_hours", "output.run_di
 EVALUATOR_DEFAULT = "comfy"
 
 _MISSING = object()
+REFERENCE_REPO = "v-gen-ai/Calibri"
+
+# The reference protocol's protocol-wide values: config key -> (value, source in the authors' repository).
+PROTOCOL: dict[str, tuple[Any, str]] = {
+    "search.seed": (42, "configs/ seed 42; src/optim/cmaes.py: generation g (from 1) samples with seed + g - 1"),
+    "search.sigma0": (0.25, "src/optim/cmaes.py"),
+    "search.popsize": (0, "src/optim/cmaes.py: pycma's default 4 + floor(3 ln n)"),
+    "search.scale_bounds": ([-1.0, 2.0], "src/optim/cmaes.py"),
+    "search.weight_bounds": ([-10.0, 10.0], "src/optim/cmaes.py"),
+    "search.bucket_size": (16, "configs/"),
+    "search.generations": (None, "src/optim/cmaes.py: no generation limit, pycma's own stop criteria"),
+    "search.val_every": (10, "configs/"),
+    "search.val_seed": (1234, "configs/"),
+    "search.granularity": ("block", "ours: the reference has no pipeline for the other families"),
+    "sampling.steps": (15, "configs/"),
+    "sampling.width": (512, "configs/"),
+    "sampling.height": (512, "configs/"),
+    "sampling.micro_batch": (4, "configs/ (a memory knob; not an option here, see model.options batch_size)"),
+    "output.final": ("best-train", "src/optim/cmaes.py: the best training candidate is the solution"),
+    "rewards.name": ("hpsv3", "configs/ cmaes_hpsv3_*; src/metrics/rewards.py"),
+    "rewards.hpsv3.jpeg_quality": (95, "src/metrics/rewards.py: the remote reward client sends JPEG, quality 95"),
+}
+# The per-family values: config key -> (Family attribute, source); a None attribute falls back to PROTOCOL.
+FAMILY_DEFAULTS: dict[str, tuple[str, str]] = {
+    "search.granularity": ("search_granularity", "README quick start configs/cmaes_hpsv3_flux_layer; "
+                                                 "src/models/*_sg.py (SD3.5, Qwen-Image: gates only)"),
+    "search.popsize": ("search_population", "configs/ (Qwen-Image config)"),
+    "search.cfg_start": ("search_cfg", "src/models/*_sg.py: cfg_scale = 7.0, never overridden in training"),
+    "sampling.cfg": ("cfg", "configs/ (SD3.5 cfg 7, Qwen-Image guidance_scale 4)"),
+    "sampling.guidance": ("guidance", "configs/ (FLUX guidance 3.5)"),
+    "sampling.micro_batch": ("search_micro_batch", "configs/ (Qwen-Image config)"),
+}
+FINALS = ("best-train", "best-validation")
+REMOVED = {"sampling.micro_batch": "the forward batch is [model.options] batch_size ('auto' = what fits the memory "
+                                   "budget; an int = rows per forward). The reference's micro-batch ({ref}) is a "
+                                   "memory knob that does not change its results; delete the key."}
 
 
-def _family_values(attr: str) -> str:
-    """``7 for sd3, 4 for qwen_image``: the families whose table sets ``attr``, for the help texts."""
-    return ", ".join(f"{getattr(f, attr):g} for {f.name}" for f in FAMILIES.values() if getattr(f, attr) is not None)
+def reference_default(key: str, family: Any = None) -> Any:
+    """The reference's default for config ``key``: the family table's value where it has one, else :data:`PROTOCOL`."""
+    if family is not None and key in FAMILY_DEFAULTS:
+        value = getattr(family, FAMILY_DEFAULTS[key][0])
+        if value is not None:
+            return copy.deepcopy(value)
+    if key not in PROTOCOL:
+        return None
+    return copy.deepcopy(PROTOCOL[key][0])
+
+
+def _ref(key: str) -> Any:
+    return reference_default(key)
+
+
+def _src(key: str) -> str:
+    source = PROTOCOL[key][1]
+    return f"[{source}]" if source.startswith("ours") else f"[{REFERENCE_REPO} {source}]"
+
+
+def _family_src(key: str) -> str:
+    attr, where = FAMILY_DEFAULTS[key]
+    values = ", ".join(f"{getattr(f, attr)!r} for {f.name}" for f in FAMILIES.values() if getattr(f, attr) is not None)
+    return f"{values} [{REFERENCE_REPO} {where}]"
 
 
 _CFG_CASE = " and ".join(f.name for f in FAMILIES.values() if f.cfg is not None)
@@ -53,19 +111,31 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...], str]]] = {
         "options": ({}, (dict,), "free-form table passed through to the evaluator (dtype, clip type, ...)"),
     },
     "search": {
-        "granularity": ("block", (str,), "block | layer | gate (paper §3.2)"),
-        "seed": (0, (int,), "base seed: CMA-ES RNG, bucket permutation; generation g samples with seed + g"),
-        "fixed_noise": (False, (bool,), "sample every generation with the base seed instead of seed + g (the same "
+        "granularity": (None, (str,), "block | layer | gate (paper §3.2); default "
+                        f"{_family_src('search.granularity')}, else {_ref('search.granularity')!r} "
+                        f"{_src('search.granularity')}"),
+        "seed": (_ref("search.seed"), (int,), "base seed: CMA-ES RNG, bucket permutation; generation g (from 1) "
+                 f"samples with seed + g - 1 {_src('search.seed')}"),
+        "fixed_noise": (False, (bool,), "sample every generation with the base seed instead of seed + g - 1 (the same "
                         "noise all run long: for planted-target checks and demos; the reference varies it)"),
-        "popsize": (0, (int,), "candidates per generation; 0 = pycma's default 4 + 3 ln n"),
-        "sigma0": (0.25, (float, int), "initial CMA-ES step size"),
-        "scale_bounds": ([-1.0, 2.0], (list,), "[low, high] for every scale"),
-        "weight_bounds": ([-10.0, 10.0], (list,), "[low, high] for every output weight ω"),
-        "bucket_size": (16, (int,), "training prompts per generation (one bucket of a seeded permutation)"),
-        "generations": (200, (int,), "number of CMA-ES generations (the reference's FLUX block run: ~200)"),
+        "popsize": (None, (int,), "candidates per generation; 0 = pycma's default 4 + 3 ln n; default "
+                    f"{_family_src('search.popsize')}, else 0 {_src('search.popsize')}"),
+        "cfg_start": (None, (float, int), "cfg case only: ω starts at (c, 1 - c); default "
+                      f"{_family_src('search.cfg_start')} (not sampling.cfg), else sampling.cfg"),
+        "sigma0": (_ref("search.sigma0"), (float, int), f"initial CMA-ES step size {_src('search.sigma0')}"),
+        "scale_bounds": (_ref("search.scale_bounds"), (list,),
+                         f"[low, high] for every scale {_src('search.scale_bounds')}"),
+        "weight_bounds": (_ref("search.weight_bounds"), (list,),
+                          f"[low, high] for every output weight ω {_src('search.weight_bounds')}"),
+        "bucket_size": (_ref("search.bucket_size"), (int,), "training prompts per generation (one bucket of a seeded "
+                        f"permutation) {_src('search.bucket_size')}"),
+        "generations": (_ref("search.generations"), (int,), "cap on CMA-ES generations; none = run until pycma's "
+                        f"own stop criteria {_src('search.generations')} (which also apply under a cap; the "
+                        "reference's FLUX block run converged in ~200)"),
         "budget_hours": (0.0, (float, int), "stop after this many hours of wall time (0 = no limit)"),
-        "val_every": (10, (int,), "validate every K generations (and after the last one)"),
-        "val_seed": (1234, (int,), "fixed sampling seed of validation"),
+        "val_every": (_ref("search.val_every"), (int,), "validate every K generations (and after the last one) "
+                      f"{_src('search.val_every')}"),
+        "val_seed": (_ref("search.val_seed"), (int,), f"fixed sampling seed of validation {_src('search.val_seed')}"),
         "candidates_per_call": (4, (int,), "candidates packed into one evaluator call (× bucket prompts rows); "
                                 "chunks of this size are dealt to ranks, so results do not depend on the number of "
                                 "processes; 0 = a rank's whole share in one call (fastest, but the last bits then "
@@ -76,12 +146,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...], str]]] = {
     "sampling": {
         "sampler": ("euler", (str,), "ComfyUI sampler name"),
         "scheduler": ("simple", (str,), "ComfyUI scheduler name"),
-        "steps": (15, (int,), "sampling steps"),
-        "cfg": (None, (float, int), f"CFG scale; default {_family_values('cfg')}, else 1"),
-        "guidance": (None, (float, int), f"distilled guidance (FLUX); default {_family_values('guidance')}, else none"),
-        "width": (512, (int,), "image width"),
-        "height": (512, (int,), "image height"),
-        "micro_batch": (4, (int,), "images per sampler call"),
+        "steps": (_ref("sampling.steps"), (int,), f"sampling steps {_src('sampling.steps')}"),
+        "cfg": (None, (float, int), f"CFG scale; default {_family_src('sampling.cfg')}, else 1"),
+        "guidance": (None, (float, int), f"distilled guidance (FLUX); default {_family_src('sampling.guidance')}, "
+                     "else none"),
+        "width": (_ref("sampling.width"), (int,), f"image width {_src('sampling.width')}"),
+        "height": (_ref("sampling.height"), (int,), f"image height {_src('sampling.height')}"),
         "negative_prompt": ("", (str,), "text seen by members whose prompt is 'negative'"),
     },
     "prompts": {
@@ -92,7 +162,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...], str]]] = {
     },
     "output": {
         "run_dir": (_MISSING, (str,), "folder for state, logs, plots, grids and presets"),
-        "preset": ("", (str,), "extra copy of the best-by-validation preset (.safetensors); default: only in run_dir"),
+        "final": (_ref("output.final"), (str,), "which candidate is calibri-best.safetensors: 'best-train' (the best "
+                  "training fitness) or 'best-validation' (the best validation score among validated best-training "
+                  f"candidates); both are written as calibri-<final>.safetensors {_src('output.final')}"),
+        "preset": ("", (str,), "extra copy of calibri-best.safetensors (.safetensors); default: only in run_dir"),
         "overwrite": (False, (bool,), "allow output.preset to replace an existing file"),
         "grid_prompts": (8, (int,), "validation prompts shown in the baseline-vs-best image grid (0 = none)"),
         "plots": (True, (bool,), "write PNG plots at each validation and at the end"),
@@ -100,10 +173,18 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...], str]]] = {
 }
 LIST_SECTIONS = {
     "members": "[[members]] prompt = 'positive'|'negative', weight = ω (optional). Default: one positive member "
-               f"(ω 1); two (positive, negative) with ω = (cfg, 1 - cfg) for {_CFG_CASE}",
+               f"(ω 1); two (positive, negative) with ω = (search.cfg_start, 1 - search.cfg_start) for {_CFG_CASE}",
     "rewards": "[[rewards]] name = registry name or 'python:module:callable', weight = 1.0, other keys = options. "
-               "Default: hpsv3 (the reference)",
+               f"Default: {_ref('rewards.name')} {_src('rewards.name')}. An hpsv3 reward's jpeg_quality defaults to "
+               f"{_ref('rewards.hpsv3.jpeg_quality')}: every image is JPEG-encoded (PIL) at that quality before "
+               f"scoring {_src('rewards.hpsv3.jpeg_quality')}; 0 = off (the raw images)",
 }
+
+
+def default_rewards() -> list[dict]:
+    """The reward list of a config that gives none: the reference's HPSv3 with its JPEG round trip."""
+    return [{"name": reference_default("rewards.name"), "weight": 1.0,
+             "jpeg_quality": reference_default("rewards.hpsv3.jpeg_quality")}]
 
 
 class ConfigError(ValueError):
@@ -191,6 +272,8 @@ def _fill(raw: dict) -> dict:
         if not isinstance(given, dict):
             raise ConfigError(f"Calibri: [{section}] must be a table; got {given!r}.")
         for k in given:
+            if f"{section}.{k}" in REMOVED:
+                raise ConfigError(_removed(f"{section}.{k}", raw.get("model", {}).get("family")))
             if k not in keys:
                 raise ConfigError(f"Calibri: unknown config key {section}.{k}.{_near(k, keys)} Keys of [{section}]: "
                                   f"{', '.join(keys)}.")
@@ -211,6 +294,12 @@ def _fill(raw: dict) -> dict:
             raise ConfigError(f"Calibri: {section} must be a list of tables ({LIST_SECTIONS[section]}); got {value!r}.")
         out[section] = copy.deepcopy(value) if value is not None else None
     return out
+
+
+def _removed(key: str, family_name: Any) -> str:
+    family = FAMILIES.get(family_name) if isinstance(family_name, str) else None
+    ref = reference_default(key, family)
+    return f"Calibri: config key {key} is not an option: {REMOVED[key].format(ref=ref)}"
 
 
 def _resolve_path(path: str, base: str) -> str:
@@ -250,6 +339,10 @@ def validate(data: dict, base_dir: str, check_files: bool = True) -> RunConfig:
         raise ConfigError(f"Calibri: unknown model family {m['family']!r}.{_near(m['family'], FAMILIES)} "
                           f"Supported: {', '.join(FAMILIES)}.")
     family = get_family(m["family"])
+    for key in ("search.granularity", "search.popsize", "search.cfg_start"):
+        section, name = key.split(".")
+        if cfg[section][name] is None:
+            cfg[section][name] = reference_default(key, family)
     supported = tuple(getattr(family, "granularities", GRANULARITIES))
     if s["granularity"] not in supported:
         raise ConfigError(f"Calibri: granularity {s['granularity']!r} is not supported by the {family.name} family "
@@ -258,7 +351,7 @@ def validate(data: dict, base_dir: str, check_files: bool = True) -> RunConfig:
     # Numbers.
     for key, low in (("bucket_size", 1), ("generations", 0), ("val_every", 1), ("popsize", 0),
                      ("candidates_per_call", 0)):
-        if s[key] < low:
+        if s[key] is not None and s[key] < low:
             raise ConfigError(f"Calibri: search.{key} must be at least {low}; got {s[key]}.")
     if s["popsize"] == 1:
         raise ConfigError("Calibri: search.popsize must be at least 2 (CMA-ES needs to rank candidates), or 0 for "
@@ -273,13 +366,18 @@ def validate(data: dict, base_dir: str, check_files: bool = True) -> RunConfig:
     s["weight_bounds"] = [float(v) for v in s["weight_bounds"]]
     s["sigma0"] = float(s["sigma0"])
     s["budget_hours"] = float(s["budget_hours"])
-    for key in ("steps", "width", "height", "micro_batch"):
+    for key in ("steps", "width", "height"):
         if smp[key] < 1:
             raise ConfigError(f"Calibri: sampling.{key} must be at least 1; got {smp[key]}.")
     if smp["cfg"] is None:
         smp["cfg"] = family.default_cfg
     if smp["guidance"] is None:
-        smp["guidance"] = family.guidance
+        smp["guidance"] = reference_default("sampling.guidance", family)
+    if s["cfg_start"] is not None:
+        s["cfg_start"] = float(s["cfg_start"])
+    if o["final"] not in FINALS:
+        raise ConfigError(f"Calibri: output.final must be one of {', '.join(repr(f) for f in FINALS)}; got "
+                          f"{o['final']!r}.{_near(o['final'], FINALS)}")
     smp["cfg"] = float(smp["cfg"])
     if smp["guidance"] is not None:
         smp["guidance"] = float(smp["guidance"])
@@ -310,7 +408,8 @@ def validate(data: dict, base_dir: str, check_files: bool = True) -> RunConfig:
         if prompts == ["positive"]:
             weights = [1.0]
         elif prompts == ["positive", "negative"]:
-            weights = [smp["cfg"], 1.0 - smp["cfg"]]  # the reference's cfg case: start point = ordinary CFG
+            start = s["cfg_start"] if s["cfg_start"] is not None else smp["cfg"]  # families without a cfg case
+            weights = [start, 1.0 - start]  # the reference's cfg case: (cfg_scale, 1 - cfg_scale)
         else:
             raise ConfigError(f"Calibri: members with prompts {prompts} have no default ω (defaults exist for "
                               f"['positive'] and ['positive', 'negative']); give each member a weight.")
@@ -321,7 +420,7 @@ def validate(data: dict, base_dir: str, check_files: bool = True) -> RunConfig:
     members = [{"prompt": pr, "weight": float(w)} for pr, w in zip(prompts, weights)]
 
     # Rewards, by the reward registry's names.
-    rewards = cfg["rewards"] if cfg["rewards"] is not None else [{"name": "hpsv3", "weight": 1.0}]
+    rewards = cfg["rewards"] if cfg["rewards"] is not None else default_rewards()
     if not rewards:
         raise ConfigError("Calibri: rewards is empty; give at least one [[rewards]] table (name = 'hpsv3').")
     from .rewards import registered_rewards
@@ -339,6 +438,11 @@ def validate(data: dict, base_dir: str, check_files: bool = True) -> RunConfig:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ConfigError(f"Calibri: rewards[{i}] ({name}) weight must be a finite number; got {w!r}.")
         r["weight"] = float(w)
+        if name == "hpsv3":
+            q = r.setdefault("jpeg_quality", reference_default("rewards.hpsv3.jpeg_quality"))
+            if isinstance(q, bool) or not isinstance(q, int) or not 0 <= q <= 100:
+                raise ConfigError(f"Calibri: rewards[{i}] (hpsv3) jpeg_quality must be an int 0..100 (0 = no JPEG "
+                                  f"round trip); got {q!r}.")
 
     # Evaluator.
     ev = s["evaluator"]
@@ -402,6 +506,8 @@ def _set_key(data: dict, key: str, value: Any) -> None:
     section, _, name = key.partition(".")
     if section not in SCHEMA:
         raise ConfigError(f"Calibri: unknown config section in override {key!r}.{_near(section, SCHEMA)}")
+    if key in REMOVED:
+        raise ConfigError(_removed(key, data.get("model", {}).get("family")))
     if name not in SCHEMA[section]:
         raise ConfigError(f"Calibri: unknown config key {key!r}.{_near(name, SCHEMA[section])} Keys of [{section}]: "
                           f"{', '.join(SCHEMA[section])}.")
@@ -487,6 +593,9 @@ def schema_help() -> str:
             lines.append(f"    {k} = {shown}: {text}")
     for section, text in LIST_SECTIONS.items():
         lines.append(f"  {text}")
+    for key in REMOVED:
+        lines.append(f"  {key} (reference {PROTOCOL[key][0]}, {_family_src(key)}) is not an option: "
+                     f"{REMOVED[key].format(ref='see above')}")
     return "\n".join(lines)
 
 

@@ -248,7 +248,11 @@ class Evaluator:
         rewards = _get(config, "rewards", "rewards", None)
         if rewards is None:
             rewards = getattr(config, "rewards", None) if not isinstance(config, Mapping) else config.get("rewards")
-        scorer = build_rewards(rewards if rewards is not None else [{"name": "hpsv3", "weight": 1.0}])
+        if rewards is None:
+            from .config import default_rewards
+
+            rewards = default_rewards()
+        scorer = build_rewards(rewards)
         return cls(bundle, scorer, steps=_get(config, "sampling", "steps", 15),
                    sampler=_get(config, "sampling", "sampler", "euler"),
                    scheduler=_get(config, "sampling", "scheduler", "simple"),
@@ -262,8 +266,9 @@ class Evaluator:
     # ------------------------------------------------------------------ calibrations
 
     def identity(self, granularity: str = "block") -> Calibration:
-        """The search's start point: all scales 1; ω = 1 (one member), or (cfg, 1 − cfg) on (positive, negative)
-        for CFG families, which equals ordinary CFG sampling."""
+        """Ordinary sampling as a calibration: all scales 1; ω = 1 (one member), or (cfg, 1 − cfg) on (positive,
+        negative) for CFG families, which equals ordinary CFG sampling at the sampling cfg. The search starts from
+        its config's members instead (ω from ``search.cfg_start``: 7 for Qwen-Image, whose sampling cfg is 4)."""
         sites = self.layout.site_names(granularity)
         ones = (1.0,) * len(sites)
         if self.family_info.cfg is not None:

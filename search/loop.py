@@ -5,11 +5,15 @@ Search vector (documented order): member 1's scales at the chosen granularity (s
 the config (1 for a single member; (cfg, 1 − cfg) for the cfg case) and is the first candidate of generation 1.
 
 Per generation g (1-based): one bucket of ``bucket_size`` training prompts from a seeded permutation; every
-candidate is scored on that bucket with seed ``search.seed + g`` (common random numbers); rewards become losses in
-``optimizer.reward_to_loss`` (NaN/inf → worst, counted and logged). Every ``val_every`` generations (and after the
-last) the identity baseline (once) and the best training candidate so far are scored on the validation prompts with
-``val_seed``; the best by validation score becomes ``calibri-best.safetensors`` and the CMA-ES mean after the last
-generation ``calibri-last-mean.safetensors``. After every generation the state is written atomically (state.py).
+candidate is scored on that bucket with seed ``search.seed + g - 1`` (common random numbers; the reference's 42 + g −
+1); rewards become losses in ``optimizer.reward_to_loss`` (NaN/inf → worst, counted and logged). The run stops when
+pycma's own stop criteria say so (the reference), at the ``search.generations`` cap or at ``search.budget_hours``.
+Every ``val_every`` generations (and after the last) the identity baseline (once) and the best training candidate so
+far are scored on the validation prompts with ``val_seed``. The best training candidate is written as
+``calibri-best-train.safetensors`` (the reference's solution), the best by validation score as
+``calibri-best-validation.safetensors``; ``output.final`` picks which one is also ``calibri-best.safetensors``
+(summary.json records it), and the CMA-ES mean after the last generation is ``calibri-last-mean.safetensors``. After
+every generation the state is written atomically (state.py).
 
 Evaluator protocol (``search.evaluator.Evaluator`` or ``python:module:factory``): ``layout`` (SiteLayout),
 ``evaluate(candidates, prompts, seed) -> tensor[len(candidates)]`` (mean reward, higher is better), optional
@@ -161,21 +165,19 @@ def run_search(config: Any, evaluator: Any = None, resume: bool = False, progres
     config = _coerce_config(config)
     ctx = distributed.init_from_env()
     try:
-        if ctx.is_main:
-            prepare_run_dir(config, resume)
-        if evaluator is None:
-            evaluator = build_evaluator(config)
-        if hasattr(evaluator, "prepare"):
-            # Encode every prompt of the run once (disk cache first) and free the text encoder.
-            evaluator.prepare(list(config.train_prompts) + list(config.val_prompts))
+        with distributed.step(ctx):  # a failure on any rank ends every rank, with its message
+            if ctx.is_main:
+                prepare_run_dir(config, resume)
+            if evaluator is None:
+                evaluator = build_evaluator(config)
+            if hasattr(evaluator, "prepare"):
+                # Encode every prompt of the run once (disk cache first) and free the text encoder.
+                evaluator.prepare(list(config.train_prompts) + list(config.val_prompts))
         if not ctx.is_main:
             distributed.serve(evaluator, ctx, config.search["candidates_per_call"])
             return None
-        sharded = distributed.ShardedEvaluator(evaluator, ctx, config.search["candidates_per_call"])
-        try:
+        with distributed.ShardedEvaluator(evaluator, ctx, config.search["candidates_per_call"]) as sharded:
             return _main_loop(config, sharded, progress, max_generations)
-        finally:
-            sharded.stop()
     finally:
         distributed.shutdown(ctx)
 
@@ -201,11 +203,16 @@ def _main_loop(config: RunConfig, ev: distributed.ShardedEvaluator, progress: bo
                             state.bucket_offset)
     budget_s = s["budget_hours"] * 3600.0
     total = s["generations"]
+
+    def done() -> bool:  # the cap, the wall-time budget or pycma's own stop criteria (checked once per generation)
+        return ((total is not None and state.generation >= total) or bool(budget_s and state.elapsed_s >= budget_s)
+                or (state.generation > 0 and bool(opt.stop_reasons())))
+
     bar = tqdm(total=total, initial=state.generation, desc="generations", unit="gen", disable=not progress)
     cbar = tqdm(total=opt.popsize, desc="candidates", unit="cand", leave=False, disable=not progress)
     done_here = 0
     try:
-        while state.generation < total and not (budget_s and state.elapsed_s >= budget_s):
+        while not done():
             if max_generations is not None and done_here >= max_generations:
                 break
             _generation(config, ev, space, opt, sampler, state, cbar)
@@ -213,7 +220,7 @@ def _main_loop(config: RunConfig, ev: distributed.ShardedEvaluator, progress: bo
             bar.set_postfix(best=f"{state.best_train['fitness']:.4g}" if state.best_train else "-",
                             sigma=f"{opt.sigma:.3g}")
             done_here += 1
-        finished = state.generation >= total or bool(budget_s and state.elapsed_s >= budget_s)
+        finished = done()
         if finished and state.generation > 0 and state.last_validated != state.generation:
             t0 = time.time()
             _validate(config, ev, space, state)
@@ -235,7 +242,7 @@ def _generation(config: RunConfig, ev, space: SearchSpace, opt: CMAOptimizer, sa
     g = state.generation + 1
     xs = opt.ask()
     bucket = [config.train_prompts[i] for i in sampler.next()]
-    seed = s["seed"] if s["fixed_noise"] else s["seed"] + g
+    seed = s["seed"] if s["fixed_noise"] else s["seed"] + g - 1
     candidates = [space.to_calibration(x) for x in xs]
     cbar.reset(total=len(candidates))
     t_eval = time.time()
@@ -338,39 +345,63 @@ def _finish(config: RunConfig, ev, space: SearchSpace, opt: CMAOptimizer, state:
     mean_path = os.path.join(run_dir, outputs.MEAN_PRESET)
     model_info = dict(getattr(ev.evaluator, "model_info", None) or {})
     nan_total = sum(r["nan_count"] for r in state.history)
+    stop = opt.stop_reasons() if state.generation else {}
     common = {"generations": state.generation, "popsize": opt.popsize, "dimension": space.dimension,
               "final_sigma": opt.sigma, "nan_rewards": nan_total, "baseline_val": state.baseline_val,
               "validations": [{k: r[k] for k in ("generation", "candidate_generation", "score")}
-                              for r in state.validations if "candidate_generation" in r]}
-    if state.best_val is not None:
-        chosen, selection = state.best_val, "best validation score among validated best-training candidates"
-        stats = {**common, "candidate_generation": chosen["generation"], "val_score": chosen["score"],
-                 "train_fitness": next((r["fitness"] for r in [state.best_train] if r and r["x"] == chosen["x"]),
-                                       None)}
+                              for r in state.validations if "candidate_generation" in r],
+              "pycma_stop": sorted(stop)}
+    identity = {"x": space.x0.tolist(), "generation": 0}
+    finals: dict[str, tuple[dict, str, dict]] = {}
+    if state.best_train is not None:
+        chosen = state.best_train
+        val = next((v["score"] for v in reversed(state.validations)
+                    if v.get("candidate_generation") == chosen["generation"]), None)
+        finals["best-train"] = (chosen, "best training fitness (the reference's solution)",
+                                {**common, "candidate_generation": chosen["generation"],
+                                 "train_fitness": chosen["fitness"], "val_score": val})
     else:
-        chosen = {"x": space.x0.tolist(), "generation": 0}
-        selection = "identity (no candidate had a finite validation score)"
-        stats = {**common, "candidate_generation": 0, "val_score": None}
-    best = space.to_calibration(chosen["x"])
+        finals["best-train"] = (identity, "identity (no candidate had a finite training reward)",
+                                {**common, "candidate_generation": 0, "train_fitness": None, "val_score": None})
+    if state.best_val is not None:
+        chosen = state.best_val
+        finals["best-validation"] = (
+            chosen, "best validation score among validated best-training candidates",
+            {**common, "candidate_generation": chosen["generation"], "val_score": chosen["score"],
+             "train_fitness": next((r["fitness"] for r in [state.best_train] if r and r["x"] == chosen["x"]), None)})
+    else:
+        finals["best-validation"] = (identity, "identity (no candidate had a finite validation score)",
+                                     {**common, "candidate_generation": 0, "val_score": None})
     counts = space.layout.counts
-    outputs.write_preset(best_path, best, counts, outputs.provenance(config, model_info, selection, stats))
+    final = config.output["final"]
+    paths = {}
+    for name, (chosen, selection, stats) in finals.items():
+        prov = outputs.provenance(config, model_info, selection, {**stats, "final": name})
+        paths[name] = os.path.join(run_dir, outputs.FINAL_PRESETS[name])
+        outputs.write_preset(paths[name], space.to_calibration(chosen["x"]), counts, prov)
+    chosen, selection, stats = finals[final]
+    best = space.to_calibration(chosen["x"])
+    prov = outputs.provenance(config, model_info, selection, {**stats, "final": final})
+    outputs.write_preset(best_path, best, counts, prov)
     mean = space.to_calibration(opt.mean)
     outputs.write_preset(mean_path, mean, counts, outputs.provenance(
         config, model_info, "CMA-ES distribution mean after the last generation (not validated)", common))
     if config.output["preset"]:
-        outputs.write_preset(config.output["preset"], best, counts,
-                             outputs.provenance(config, model_info, selection, stats))
+        outputs.write_preset(config.output["preset"], best, counts, prov)
     if config.output["plots"] and state.history:
         _plots(config, space, state)
-    _grid(config, ev, space, best)
+    _grid(config, ev, space, best, final)
     summary = {"generations": state.generation, "best_val": state.best_val and state.best_val["score"],
-               "baseline_val": state.baseline_val, "best_preset": best_path, "mean_preset": mean_path}
+               "best_train": state.best_train and state.best_train["fitness"],
+               "baseline_val": state.baseline_val, "calibri_best": final, "best_preset": best_path,
+               "best_train_preset": paths["best-train"], "best_validation_preset": paths["best-validation"],
+               "mean_preset": mean_path, "pycma_stop": stop}
     write_json_atomic(os.path.join(run_dir, "summary.json"), json.loads(json.dumps(summary)))
     return SearchResult(run_dir, best_path, mean_path, best, state.best_val and state.best_val["score"],
                         state.baseline_val, state.generation, list(state.history))
 
 
-def _grid(config: RunConfig, ev, space: SearchSpace, best: Calibration) -> None:
+def _grid(config: RunConfig, ev, space: SearchSpace, best: Calibration, final: str) -> None:
     n = min(config.output["grid_prompts"], len(config.val_prompts))
     images = getattr(ev.evaluator, "images", None)
     if not n or images is None:
@@ -379,7 +410,7 @@ def _grid(config: RunConfig, ev, space: SearchSpace, best: Calibration) -> None:
     seed = config.search["val_seed"]
     try:
         rows = {"baseline (identity)": images(space.to_calibration(space.x0), prompts, seed),
-                "best (validation)": images(best, prompts, seed)}
+                f"calibri-best ({final})": images(best, prompts, seed)}
         outputs.image_grid(os.path.join(config.run_dir, "grid_validation.png"), rows)
     except Exception as e:  # a grid is a convenience; the presets are already written
         logger.warning("Calibri: could not write the validation image grid: %s: %s", type(e).__name__, e)

@@ -22,6 +22,8 @@ from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
+from calibri_core.files import write_bytes_atomic
+
 log = logging.getLogger("calibri")
 
 
@@ -179,7 +181,11 @@ def _existing(path: Any, what: str) -> Path:
 
 
 def file_sha256(path: Path, cache_dir: Optional[Path] = None) -> str:
-    """SHA-256 of a file; remembered in ``cache_dir/sha256.json`` by (path, size, mtime) since models are large."""
+    """SHA-256 of a file; remembered in ``cache_dir/sha256.json`` by (path, size, mtime) since models are large.
+
+    The memo is replaced atomically through a temp file of its own (``write_bytes_atomic``), so processes sharing
+    ``cache_dir`` never write the same temp file.
+    """
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     memo_file = cache_dir / "sha256.json" if cache_dir else None
@@ -198,10 +204,16 @@ def file_sha256(path: Path, cache_dir: Optional[Path] = None) -> str:
     memo[key] = digest.hexdigest()
     if memo_file:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(memo, indent=1))
-        os.replace(tmp, memo_file)
+        write_bytes_atomic(memo_file, json.dumps(memo, indent=1).encode("utf-8"))
     return memo[key]
+
+
+def shared_sha256(paths: Sequence[Path], cache_dir: Optional[Path] = None) -> list[str]:
+    """:func:`file_sha256` of each path, computed on rank 0 only and shared with the other ranks under
+    torch.distributed (``search.distributed.from_rank0``); in a single process, computed here."""
+    from .distributed import from_rank0
+
+    return from_rank0(lambda: [file_sha256(p, cache_dir) for p in paths])
 
 
 def _dtype(value: Any) -> Optional[torch.dtype]:
@@ -238,17 +250,17 @@ def load_bundle(*, model: Any = None, checkpoint: Any = None, text_encoders: Seq
                          f"text_encoders files or choose another clip_type.")
     vae_path = _existing(vae, "VAE file") if vae is not None else None
     options = {"dtype": _dtype(dtype)} if _dtype(dtype) is not None else {}
+    path = _existing(checkpoint, "checkpoint file") if checkpoint is not None else \
+        _existing(model, "diffusion model file")
+    sha, *te_digests = shared_sha256([path, *te_paths], cache_dir)  # multi-GB files: hashed once, by rank 0
     ckpt_clip = ckpt_vae = None
     if checkpoint is not None:
-        path = _existing(checkpoint, "checkpoint file")
         patcher, ckpt_clip, ckpt_vae, _ = comfy.sd.load_checkpoint_guess_config(
             str(path), output_vae=vae_path is None and not hashed, output_clip=not te_paths and not hashed,
             model_options=options)
     else:
-        path = _existing(model, "diffusion model file")
         patcher = comfy.sd.load_diffusion_model(str(path), model_options=options)
     family, _ = model_layout(patcher)
-    sha = file_sha256(path, cache_dir)
     files = {"model": str(path), "text_encoders": [str(p) for p in te_paths],
              "vae": str(vae_path) if vae_path else None}
 
@@ -259,7 +271,7 @@ def load_bundle(*, model: Any = None, checkpoint: Any = None, text_encoders: Seq
         if not hasattr(comfy.sd.CLIPType, type_name):
             raise ValueError(f"Calibri: no text-encoder type known for family {family.name!r}; pass clip_type "
                              f"(one of {[t.name.lower() for t in comfy.sd.CLIPType]}).")
-        identity = "+".join(file_sha256(p, cache_dir) for p in te_paths) + f":{type_name}"
+        identity = "+".join(te_digests) + f":{type_name}"
 
         def encoder() -> TextEncoder:
             clip = comfy.sd.load_clip(ckpt_paths=[str(p) for p in te_paths],

@@ -19,6 +19,8 @@ from calibri_core.preset import Preset, save_preset, tool_version
 LOG_FILE = "generations.jsonl"
 BEST_PRESET = "calibri-best.safetensors"
 MEAN_PRESET = "calibri-last-mean.safetensors"
+FINAL_PRESETS = {"best-train": "calibri-best-train.safetensors",
+                 "best-validation": "calibri-best-validation.safetensors"}  # output.final -> file name
 LICENCE = ("Calibri search tool: GPL-3.0 (LICENSE of the Calibri pack); method: Calibri, arXiv 2603.24800 (reference "
            "implementation v-gen-ai/Calibri, MIT). The scales were searched on the model named here; its licence "
            "applies to their use with it.")

@@ -226,6 +226,37 @@ def test_hpsv3_batching_and_determinism(tiny_hpsv3):
     assert torch.equal(batch, r.score(imgs, PROMPTS))
 
 
+def test_hpsv3_jpeg_round_trip_parity(tiny_hpsv3):
+    """jpeg_quality = 95 (the search's default, the reference's remote client) scores the PIL JPEG (quality 95) of
+    each image: equal to scoring the decoded JPEG images without a round trip; 0 = off = the old path."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from search.config import reference_default
+
+    quality = reference_default("rewards.hpsv3.jpeg_quality")
+    assert quality == 95
+    kw = {"checkpoint": str(tiny_hpsv3["ckpt"]), "base": str(tiny_hpsv3["dir"]), "device": "cpu", "dtype": "float32"}
+    plain = tiny_hpsv3["reward"]
+    jpeg = H.HPSv3Reward(**kw, jpeg_quality=quality)
+    off = H.HPSv3Reward(**kw, jpeg_quality=0)
+    imgs = images(3)
+    decoded = []
+    for arr in np.clip(np.round(imgs.numpy().astype(np.float64) * 255.0), 0, 255).astype(np.uint8):
+        buf = io.BytesIO()
+        Image.fromarray(arr, "RGB").save(buf, format="JPEG", quality=95)
+        decoded.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
+    decoded = torch.from_numpy(np.stack(decoded).astype(np.float32) / 255.0)
+    with_jpeg = jpeg.score(imgs, PROMPTS)
+    assert torch.equal(with_jpeg, plain.score(decoded, PROMPTS))
+    assert not torch.allclose(with_jpeg, plain.score(imgs, PROMPTS), atol=1e-7)  # the round trip changes the input
+    assert torch.equal(off.score(imgs, PROMPTS), plain.score(imgs, PROMPTS))
+    with pytest.raises(ValueError, match="jpeg_quality must be an int 0..100"):
+        H.HPSv3Reward(**kw, jpeg_quality=101)
+
+
 def test_hpsv3_bf16_rounds_rotary_like_official(tiny_hpsv3):
     r = H.HPSv3Reward(checkpoint=str(tiny_hpsv3["ckpt"]), base=str(tiny_hpsv3["dir"]), device="cpu", dtype="bfloat16")
     rot = r.model.backbone.language_model.rotary_emb.inv_freq

@@ -148,7 +148,7 @@ def test_check_loads_no_model(files):
     fake = files.root / "not-a-model.safetensors"
     fake.write_bytes(b"not a model")
     proc = _ok(_run(_search("--config", _config(files, "checked", model=str(fake)), "--check")))
-    assert "config OK: sd3 block, 2 member(s), 3 train / 1 validation prompts" in proc.stdout
+    assert "config OK: sd3 gate, 2 member(s), 3 train / 1 validation prompts" in proc.stdout
     assert f"host: {_host().report()}" in proc.stdout
     assert not (files.root / "checked").exists() or not os.listdir(files.root / "checked")  # nothing started
 

@@ -40,31 +40,103 @@ def _cli_error(tmp_path, cfg: dict, capsys, *extra: str) -> str:
     return capsys.readouterr().err
 
 
-def test_valid_config_and_reference_defaults(tmp_path):
-    from search.config import load_config
+# Issue 9's table of the reference protocol, as the reference table in the code must hold it.
+ISSUE_9 = {"search.seed": 42, "search.popsize": 0, "search.generations": None, "output.final": "best-train",
+           "rewards.hpsv3.jpeg_quality": 95, "sampling.micro_batch": 4}
+ISSUE_9_FAMILIES = {  # family -> {config key: value}
+    "flux": {"search.granularity": "layer", "search.popsize": 0, "sampling.guidance": 3.5},
+    "sd3": {"search.granularity": "gate", "search.popsize": 0, "search.cfg_start": 7.0, "sampling.cfg": 7.0},
+    "qwen_image": {"search.granularity": "gate", "search.popsize": 24, "search.cfg_start": 7.0, "sampling.cfg": 4.0,
+                   "sampling.micro_batch": 1},
+}
 
+
+def test_reference_table_holds_issue_9_values():
+    from calibri_core.families import get_family
+    from search.config import reference_default
+
+    for key, value in ISSUE_9.items():
+        assert reference_default(key) == value, key
+    for family, values in ISSUE_9_FAMILIES.items():
+        for key, value in values.items():
+            assert reference_default(key, get_family(family)) == value, (family, key)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwen_image", "flux2", "wan"])
+def test_every_default_is_the_reference_tables(tmp_path, family):
+    """Every default a config without settings gets is the reference table's (PROTOCOL / the family table)."""
+    from calibri_core.families import get_family
+    from search.config import FAMILY_DEFAULTS, PROTOCOL, REMOVED, SCHEMA, load_config, reference_default
+
+    fam = get_family(family)
     cfg = _comfy_config(tmp_path)
+    cfg["model"]["family"] = family
     cfg["search"] = {"evaluator": "comfy"}  # everything else from the defaults
+    cfg["sampling"] = {}
+    cfg.pop("rewards"), cfg.pop("members", None), cfg.pop("prompts")  # default prompt files too
     config = load_config(None, raw=cfg)
-    s, smp = config.search, config.sampling
-    assert s["generations"] == 200 and s["granularity"] == "block" and s["candidates_per_call"] == 4
-    assert (s["sigma0"], s["popsize"], s["bucket_size"], s["val_every"], s["val_seed"]) == (0.25, 0, 16, 10, 1234)
-    assert s["scale_bounds"] == [-1.0, 2.0] and s["weight_bounds"] == [-10.0, 10.0]
-    assert (smp["steps"], smp["width"], smp["height"], smp["guidance"], smp["micro_batch"]) == (15, 512, 512, 3.5, 4)
-    assert config.members == [{"prompt": "positive", "weight": 1.0}]
-    assert len(config.train_prompts) == 10 and len(config.val_prompts) == 3
+    sections = {"search": config.search, "sampling": config.sampling, "output": config.output}
+    checked = 0
+    for key in set(PROTOCOL) | set(FAMILY_DEFAULTS):
+        section, _, name = key.partition(".")
+        if key in REMOVED or section not in sections:
+            continue
+        want = reference_default(key, fam)
+        if key == "sampling.cfg" and want is None:
+            want = 1.0  # no cfg case: sampled at cfg 1
+        assert sections[section][name] == want, (family, key)
+        assert name in SCHEMA[section], key
+        checked += 1
+    assert checked >= 16
+    hps = {"name": reference_default("rewards.name"), "weight": 1.0,
+           "jpeg_quality": reference_default("rewards.hpsv3.jpeg_quality")}
+    assert config.rewards == [hps]
+    if fam.search_cfg is not None:
+        c = reference_default("search.cfg_start", fam)
+        assert config.members == [{"prompt": "positive", "weight": c}, {"prompt": "negative", "weight": 1.0 - c}]
+    else:
+        assert config.members == [{"prompt": "positive", "weight": 1.0}]
+    assert len(config.train_prompts) > 16 and config.val_prompts
 
 
-def test_default_prompt_files_and_cfg_case(tmp_path):
-    from search.config import load_config
+def test_help_names_every_defaults_source(capsys):
+    from search.config import FAMILY_DEFAULTS, PROTOCOL, REMOVED, schema_help
+
+    text = schema_help()
+    for key, (_, source) in PROTOCOL.items():
+        if key not in REMOVED:
+            assert source in text, key
+    for key, (_, source) in FAMILY_DEFAULTS.items():
+        if key not in REMOVED:
+            assert source in text, key
+    assert "v-gen-ai/Calibri" in text
+
+
+def test_reference_deviation_options(tmp_path):
+    from search.config import ConfigError, load_config
 
     cfg = _comfy_config(tmp_path)
     cfg["model"]["family"] = "qwen_image"
-    del cfg["prompts"]
+    cfg["search"].update(cfg_start=4.0, generations=50, popsize=0, granularity="block")
+    cfg["output"]["final"] = "best-validation"
+    cfg["rewards"] = [{"name": "hpsv3", "jpeg_quality": 0}]
+    cfg.pop("members", None)
     config = load_config(None, raw=cfg)
-    assert config.sampling["cfg"] == 4.0 and config.sampling["guidance"] is None
     assert config.members == [{"prompt": "positive", "weight": 4.0}, {"prompt": "negative", "weight": -3.0}]
-    assert len(config.train_prompts) > 16 and config.val_prompts
+    assert (config.search["generations"], config.search["popsize"], config.search["granularity"]) == (50, 0, "block")
+    assert config.output["final"] == "best-validation" and config.rewards[0]["jpeg_quality"] == 0
+    for mutate, match in [
+        (lambda c: c["output"].update(final="best-val"), "output.final must be one of.*'best-validation'"),
+        (lambda c: c.update(rewards=[{"name": "hpsv3", "jpeg_quality": 101}]), "jpeg_quality must be an int 0..100"),
+        (lambda c: c.update(sampling={"micro_batch": 4}), "sampling.micro_batch is not an option.*batch_size.*\\(1\\)"),
+    ]:
+        bad = _comfy_config(tmp_path)
+        bad["model"]["family"] = "qwen_image"
+        mutate(bad)
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, raw=bad)
+    with pytest.raises(ConfigError, match="sampling.micro_batch is not an option.*\\(4\\)"):
+        load_config(None, overrides={"sampling.micro_batch": 2}, raw=_comfy_config(tmp_path))
 
 
 @pytest.mark.parametrize("mutate, match", [

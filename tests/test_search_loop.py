@@ -126,7 +126,15 @@ def test_converges_on_quadratic(tmp_path):
     ev_target = np.array([1.0 + 0.4 * math.sin(1.7 * i + 0.3) for i in range(4)] + [1.3])
     assert np.abs(best - ev_target).max() < 0.1, (best, target)
     prov = load_preset(result.best_preset).provenance
-    assert prov["selection"].startswith("best validation score")
+    # calibri-best is the reference's solution, the best training candidate; the best by validation is written too
+    assert prov["selection"].startswith("best training fitness") and prov["statistics"]["final"] == "best-train"
+    run = tmp_path / "run"
+    assert (run / "calibri-best.safetensors").read_bytes() != (run / "calibri-best-validation.safetensors").read_bytes()
+    assert load_preset(str(run / "calibri-best-train.safetensors")).calibration == load_preset(
+        result.best_preset).calibration
+    val = load_preset(str(run / "calibri-best-validation.safetensors")).provenance
+    assert val["selection"].startswith("best validation score") and val["statistics"]["val_score"] == result.best_val
+    assert json.loads((run / "summary.json").read_text())["calibri_best"] == "best-train"
     assert prov["model"]["hash"] == "sha256:fake" and prov["steps"] == 15 and prov["guidance"] == 3.5
     mean = load_preset(result.mean_preset)
     assert "mean" in mean.provenance["selection"]
@@ -150,13 +158,13 @@ def test_first_candidate_is_identity_and_buckets_reproducible(tmp_path):
 
     config = load_config(None, raw=raw_config(tmp_path, generations=3, val_every=100))
     run_search(config, evaluator=Recording(config))
-    assert seen[0][0][0] == [1.0, 1.0, 1.0, 1.0, 1.0] and seen[0][2] == 3 + 1
+    assert seen[0][0][0] == [1.0, 1.0, 1.0, 1.0, 1.0] and seen[0][2] == 3 + 1 - 1  # generation g: seed + g - 1
     train = [s for s in seen if s[2] != 1234]
     # one candidate per call; every candidate of a generation sees the same bucket and seed
     gens = {}
     for cands, prompts, seed in train:
         gens.setdefault(seed, set()).add(tuple(prompts))
-    assert sorted(gens) == [4, 5, 6] and all(len(v) == 1 for v in gens.values())
+    assert sorted(gens) == [3, 4, 5] and all(len(v) == 1 for v in gens.values())
     buckets = [next(iter(gens[s])) for s in sorted(gens)]
     assert all(len(b) == 4 for b in buckets)
     assert len(set(buckets[0]) | set(buckets[1])) == 8  # a permutation, not draws with replacement
@@ -243,3 +251,42 @@ def test_popsize_default_and_override(tmp_path, popsize):
 
     result = run_search(raw_config(tmp_path, generations=1, popsize=popsize))
     assert result.history[0]["popsize"] == (popsize or 4 + int(3 * math.log(5)))
+
+
+def test_final_best_validation_option(tmp_path):
+    from search.loop import run_search
+
+    cfg = raw_config(tmp_path, generations=8)
+    cfg["output"]["final"] = "best-validation"
+    result = run_search(cfg)
+    run = tmp_path / "run"
+    assert (run / "calibri-best.safetensors").read_bytes() != (run / "calibri-best-train.safetensors").read_bytes()
+    prov = load_preset(result.best_preset).provenance
+    assert prov["selection"].startswith("best validation score") and prov["statistics"]["final"] == "best-validation"
+    assert load_preset(str(run / "calibri-best-validation.safetensors")).calibration == result.best
+    assert json.loads((run / "summary.json").read_text())["calibri_best"] == "best-validation"
+
+
+class FlatEvaluator(QuadraticEvaluator):
+    """Every candidate scores the same: pycma's own stop criteria (flat fitness) end the run."""
+
+    def evaluate(self, candidates, prompts, seed):
+        return torch.zeros(len(candidates))
+
+
+def test_no_generation_cap_runs_until_pycma_stops(tmp_path):
+    from search.config import load_config
+    from search.loop import run_search
+
+    cfg = raw_config(tmp_path, evaluator="python:test_search_loop:FlatEvaluator")
+    del cfg["search"]["generations"]
+    config = load_config(None, raw=cfg)
+    assert config.search["generations"] is None
+    result = run_search(config)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 1 <= result.generations < 50 and summary["pycma_stop"], summary
+    assert summary["generations"] == result.generations
+    # A cap stops earlier than pycma would.
+    flat = "python:test_search_loop:FlatEvaluator"
+    capped = run_search(raw_config(tmp_path, "capped", generations=1, evaluator=flat))
+    assert capped.generations == 1

@@ -57,6 +57,7 @@ FAMILY = Family(
     gates=gates,
     dit_blocks=_DIT_BLOCKS,
     guidance=3.5,
+    search_granularity="layer",  # the reference README's quick start: configs/cmaes_hpsv3_flux_layer
     clip_type="FLUX",
     models={"flux1-dev": KnownModel("FLUX.1-dev", {"double_blocks": 19, "single_blocks": 38})},
 )

@@ -39,7 +39,11 @@ FAMILY = Family(
     stacked_batch_copies=True,
     discarded=lambda counts: tuple(f"transformer_blocks.{counts['transformer_blocks'] - 1}.txt.{branch}"
                                    for branch in BRANCHES),
-    cfg=4.0,  # Qwen-Image's configured guidance_scale; the reference's search starts ω from cfg_scale 7 (issue 9)
+    cfg=4.0,  # Qwen-Image's configured guidance_scale; it only switches the reference's second pass on
+    search_cfg=7.0,  # src/models/*_sg.py (Qwen-Image pipeline): cfg_scale = 7.0, never overridden in training
+    search_granularity="gate",  # the reference's Qwen-Image pipeline scales gates only
+    search_population=24,  # the reference's Qwen-Image config (configs/)
+    search_micro_batch=1,  # the reference's Qwen-Image config (configs/)
     rescale=True,
     clip_type="QWEN_IMAGE",
     models={"qwen-image": KnownModel("Qwen-Image", {"transformer_blocks": 60})},

@@ -58,6 +58,8 @@ FAMILY = Family(
     dit_blocks={"double_block": "joint_blocks"},
     ungated="the last context_block is pre_only: it has no gates and its text output is discarded",
     cfg=7.0,
+    search_cfg=7.0,  # src/models/*_sg.py (SD3.5 pipeline): cfg_scale = 7.0, never overridden in training
+    search_granularity="gate",  # the reference's SD3.5 pipeline scales gates only
     clip_type="SD3",
     models={
         # Medium is MMDiT-X: dual attention in its first 13 blocks.

@@ -59,6 +59,17 @@ class Family:
         models: well-known checkpoints (id → ``KnownModel``): the models the reference ran (calibri-reference.md,
             "What is scaled"), with the counts ComfyUI reads from their released weights; the reference pipelines
             (``calibri_core.layouts``) and the shipped SLG presets (``calibri_core.slg``) use them.
+        search_cfg: the start ω = (search_cfg, 1 − search_cfg) of the reference's cfg case: its pipelines'
+            constructor default ``cfg_scale = 7.0`` (``src/models/*_sg.py``), which the training script never
+            overrides (issue 9; Qwen-Image's configured ``guidance_scale = 4.0``, ``cfg`` above, only switches the
+            second pass on). None where the family has no cfg case.
+        search_granularity: the reference's default granularity for this family (FLUX: layer, the README quick start
+            ``configs/cmaes_hpsv3_flux_layer``; SD3.5 and Qwen-Image: gate, their only one); None where the reference
+            has none (the search then uses ``search.config.PROTOCOL["search.granularity"]``).
+        search_population: a population size the reference's config for this family sets (Qwen-Image: 24,
+            ``configs/`` Qwen config); None = pycma's default 4 + ⌊3 ln n⌋ (``src/optim/cmaes.py``).
+        search_micro_batch: the reference config's micro-batch (Qwen-Image: 1); None = the protocol-wide 4. A memory
+            knob only: the search's forward batch is ``[model.options] batch_size`` (see ``search.config``).
     """
 
     name: str
@@ -77,6 +88,10 @@ class Family:
     rescale: bool = False
     clip_type: str = ""
     models: dict[str, KnownModel] = field(default_factory=dict)
+    search_cfg: float | None = None
+    search_granularity: str | None = None
+    search_population: int | None = None
+    search_micro_batch: int | None = None
 
     def layout(self, counts: dict) -> SiteLayout:
         return SiteLayout(self.name, dict(counts), tuple(self.gates(counts)))

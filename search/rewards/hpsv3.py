@@ -303,7 +303,8 @@ class HPSv3Reward(Reward):
         dtype: backbone dtype; the official scorer runs bf16 (the head is always fp32).
         attn_implementation: "sdpa" (default) or "flash_attention_2" (what the official code picks when installed).
         batch_size: images per forward.
-        jpeg_quality: if set (Calibri's HTTP client uses 95), JPEG round-trip images before scoring.
+        jpeg_quality: if set and not 0, JPEG-encode every image (PIL, this quality) and score the decoded JPEG, as
+            the reference's remote reward client does at 95 (the search's default, ``search.config.PROTOCOL``).
     """
 
     name = "hpsv3"
@@ -325,7 +326,11 @@ class HPSv3Reward(Reward):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.batch_size = batch_size
-        self.jpeg_quality = jpeg_quality
+        if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int)
+                                         or not 0 <= jpeg_quality <= 100):
+            raise ValueError(f"Calibri: hpsv3 jpeg_quality must be an int 0..100 (0 = off) or None; got "
+                             f"{jpeg_quality!r}.")
+        self.jpeg_quality = jpeg_quality or None
         self.tokenizer = load_tokenizer(base_dir)
         self.reward_token_id = self.tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
         self.image_cfg = ImageConfig.from_file(base_dir / "preprocessor_config.json")
