@@ -43,9 +43,8 @@ class _ActiveRows:
         self._factors: dict[tuple, torch.Tensor] = {}
         self._source: Optional[torch.Tensor] = None  # the last row source tensor copied, and what came of it
         self._copy: tuple[Optional[torch.Tensor], dict] = (None, {})
-
-    window: Optional[torch.Tensor] = None
-    """A 0-dim bool on the device while the calibration acts on part of the schedule only: is this call inside?"""
+        # a 0-dim bool on the device while the calibration acts on part of the schedule only: is this call inside?
+        self.window: Optional[torch.Tensor] = None
 
     def state(self) -> tuple:
         return self.rows, self._factors, self.window
