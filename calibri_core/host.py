@@ -259,15 +259,12 @@ class ActiveRange:
         The window is SkipLayerGuidanceDiT's (σ_end ≤ σ ≤ σ_start), so an SLG setting re-expressed as a
         calibration acts on exactly the same steps.
         """
-        if (self.start_percent == 0.0 and self.end_percent == 1.0) or sigmas is None:
-            return True
-        sigma_start, sigma_end = self._bounds(model_sampling)
-        sigma = float(sigmas.reshape(-1)[0])
-        return sigma_end <= sigma <= sigma_start
+        inside = self.window(sigmas, model_sampling)
+        return True if inside is None else bool(inside)  # the one host read a partial window costs
 
     def window(self, sigmas: Optional[torch.Tensor], model_sampling: Any) -> Optional[torch.Tensor]:
         """``contains`` decided on the device, without waiting for it: a 0-dim bool tensor, or None for the whole
-        schedule (the bounds are read once per schedule, not per step)."""
+        schedule (the bounds are read once per schedule, not per step). ``contains`` reads this one."""
         if (self.start_percent == 0.0 and self.end_percent == 1.0) or sigmas is None:
             return None
         sigma_start, sigma_end = self._bounds(model_sampling)
