@@ -145,3 +145,7 @@ def reference_patcher(family: str, scales: dict[int, float], seed: int = 0):
     REFERENCES[detected.name](model.diffusion_model, list(layout.gates), scales)
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+from engine_reference_part2 import REFERENCES_PART2  # noqa: E402  (issue 11, part 2)
+
+REFERENCES.update(REFERENCES_PART2)

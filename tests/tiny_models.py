@@ -92,6 +92,9 @@ SPECS = {
                                         num_layers=2),
                       (48, 3, 8, 8), (5, 32), family="wan"),
 }
+from tiny_specs_part2 import SPECS_PART2  # noqa: E402  (issue 11, part 2: needs TinySpec above)
+
+SPECS.update(SPECS_PART2)
 FAMILIES = tuple(SPECS)
 
 
