@@ -263,3 +263,75 @@ def import_reference_checkpoint(path: str, pipeline: str, granularity: str, memb
             provenance[key] = value
     counts = dict(spec.counts if counts is None else counts)
     return Preset(calibration, counts, provenance)
+
+
+# The reference's ``shapes`` keys that name block counts, and the family count each one must equal.
+_SHAPE_COUNTS = {"n_double": "double_blocks", "n_single": "single_blocks"}
+# Reference scalars per double block in ``shapes["doubles"]`` (per member) at each FLUX granularity.
+_PER_DOUBLE_BLOCK = {1: "block", 2: "layer", 4: "gate"}
+
+
+def _import_command(path: str, pipelines: Sequence[str], granularities: Sequence[str]) -> str:
+    name = os.path.basename(path)
+    return (f"python -m calibri_core.preset import {name} --pipeline {'|'.join(pipelines)} "
+            f"--granularity {'|'.join(granularities)} -o {os.path.splitext(name)[0]}.safetensors")
+
+
+def import_reference_for_layout(path: str, layout) -> Preset:
+    """Import a reference ``cmaes_step_NNNN.json`` for the connected model (CalibriLoadPreset's reader).
+
+    The pipeline comes from the model's family, the granularity and member count from the checkpoint's
+    ``shapes`` (``n_models``, ``doubles``/``n_double``) and the length of its ``solution``, the counts from the
+    model's own layout. Then ``import_reference_checkpoint`` converts it, so a file loads exactly as
+    ``python -m calibri_core.preset import`` converts it.
+
+    Args:
+        path: the checkpoint.
+        layout: the connected model's ``SiteLayout`` (``host.model_layout``).
+
+    Raises:
+        ValueError: no reference pipeline for the family, counts in ``shapes`` that differ from the model's,
+            a length no granularity explains, or several that do; the message names the ``import`` command.
+    """
+    pipelines = [p for p in PIPELINES.values() if p.family == layout.family]
+    if not pipelines:
+        raise ValueError(f"Calibri: {os.path.basename(path)} is a reference checkpoint, but the reference has no "
+                         f"pipeline for the connected model {layout.describe()}; it has "
+                         f"{sorted({p.family for p in PIPELINES.values()})}. Connect the model it was searched for.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"Calibri: cannot read {path!r} as JSON ({e}); expected a reference "
+                         f"cmaes_step_NNNN.json checkpoint.") from None
+    solution = data.get("solution") if isinstance(data, dict) else None
+    if not isinstance(solution, list):
+        raise ValueError(f"Calibri: {path!r} has no 'solution' list; expected a reference cmaes_step_NNNN.json.")
+    shapes = data.get("shapes") if isinstance(data.get("shapes"), dict) else {}
+    for key, count in _SHAPE_COUNTS.items():
+        if isinstance(shapes.get(key), int) and count in layout.counts and shapes[key] != layout.counts[count]:
+            raise ValueError(f"Calibri: {os.path.basename(path)} was searched on a model with {shapes[key]} "
+                             f"{count} (shapes[{key!r}]); the connected model is {layout.describe()}. Connect "
+                             f"the model it was made for.")
+    members = shapes.get("n_models") if isinstance(shapes.get("n_models"), int) else None
+    granularities = sorted({g for p in pipelines for g in p.orders})
+    if members and isinstance(shapes.get("doubles"), int) and shapes.get("n_double"):
+        per_block = _PER_DOUBLE_BLOCK.get(shapes["doubles"] // (members * shapes["n_double"]))
+        granularities = [g for g in granularities if g == per_block]
+    fits = []
+    for granularity in granularities:
+        sites = len(layout.site_names(granularity))
+        n = members if members else (len(solution) // (sites + 1) if len(solution) % (sites + 1) == 0 else 0)
+        if n and len(solution) == n * (sites + 1):
+            fits.append(granularity)
+    names = [p.name for p in pipelines]
+    if len(fits) != 1:
+        why = (f"its {len(solution)} values fit {' and '.join(fits)}" if fits else
+               f"its {len(solution)} values (members: {members or 'not recorded'}) fit no granularity of "
+               f"{layout.describe()}")
+        raise ValueError(f"Calibri: cannot tell how to read {os.path.basename(path)}: {why}. Convert it with "
+                         f"`{_import_command(path, names, fits or granularities)}` and load the .safetensors.")
+    # Pipelines of one family share their flat order; the one whose model has these counts names it best.
+    pipeline = next((p for p in pipelines if p.counts == layout.counts), pipelines[0])
+    return import_reference_checkpoint(path, pipeline.name, fits[0], members, counts=dict(layout.counts),
+                                       model_name=None if pipeline.counts == layout.counts else layout.describe())

@@ -8,6 +8,7 @@ from .apply_nodes import CalibriApply, CalibriEnsemble, CalibriEnsembleGuider
 from .build_nodes import CalibriCombine, CalibriManual, CalibriPlot
 from .common import register_folder
 from .preset_nodes import CalibriLoadPreset, CalibriSavePreset
+from .sweep_nodes import CalibriSweep
 
 register_folder()
 
@@ -20,4 +21,5 @@ NODE_CLASSES = [
     CalibriEnsemble,
     CalibriSavePreset,
     CalibriPlot,
+    CalibriSweep,
 ]

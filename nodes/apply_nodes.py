@@ -29,7 +29,8 @@ class CalibriApply(io.ComfyNode):
                                        "calibration as saved, above 1 extrapolates, below 0 inverts."),
                 *range_inputs(),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="A calibrated copy of the model (the input model is unchanged); "
+                                             "connect it to a KSampler or a guider.")],
         )
 
     @classmethod
@@ -67,7 +68,8 @@ class CalibriEnsemble(io.ComfyNode):
                 Calibri.Input("calibration", tooltip=_CALIBRATION_TOOLTIP + " Any number of members."),
                 *range_inputs(),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="A copy of the model that runs the ensemble's members in the "
+                                             "KSampler's cond and uncond passes.")],
         )
 
     @classmethod
@@ -105,7 +107,8 @@ class CalibriEnsembleGuider(io.ComfyNode):
                                  tooltip="Run the members one after another instead of in one batch: less memory, "
                                          "same result, slower."),
             ],
-            outputs=[io.Guider.Output()],
+            outputs=[io.Guider.Output(tooltip="A GUIDER that samples F = Σ ω_i f_i; connect it to "
+                                              "SamplerCustomAdvanced.")],
         )
 
     @classmethod

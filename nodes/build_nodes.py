@@ -9,7 +9,7 @@ from ..calibri_core.manual import parse_manual, parse_statements
 from ..calibri_core.plot import plot_calibration
 from ..calibri_core.preset import Preset, combine_presets
 from ..calibri_core.sites import GRANULARITIES
-from .common import CATEGORY, Calibri, io
+from .common import CATEGORY, Calibri, io, ui
 
 COMBINE_INPUTS = 4
 
@@ -41,7 +41,9 @@ class CalibriManual(io.ComfyNode):
                                 tooltip="One `site = value` per line; ranges like single_blocks.10-15; a block "
                                         "name covers its finer sites; `weight = x` sets ω; `#` starts a comment."),
             ],
-            outputs=[Calibri.Output(display_name="calibration")],
+            outputs=[Calibri.Output(display_name="calibration",
+                                   tooltip="A CALIBRI value: the scales plus the block counts of the model they "
+                                           "fit; connect it to CalibriApply, the ensemble nodes, Save or Plot.")],
         )
 
     @classmethod
@@ -83,7 +85,9 @@ class CalibriCombine(io.ComfyNode):
                         "for CalibriEnsemble or CalibriEnsembleGuider. Each member's ω is its own ω times the "
                         "input's weight. All inputs must be for the same model and granularity.",
             inputs=inputs,
-            outputs=[Calibri.Output(display_name="calibration")],
+            outputs=[Calibri.Output(display_name="calibration",
+                                   tooltip="A CALIBRI value: the scales plus the block counts of the model they "
+                                           "fit; connect it to CalibriApply, the ensemble nodes, Save or Plot.")],
         )
 
     @classmethod
@@ -102,11 +106,15 @@ class CalibriPlot(io.ComfyNode):
             display_name="Calibri Plot",
             category=CATEGORY,
             description="Draw a calibration: one chart per member (a batch of N images) with a bar per site from "
-                        "the identity line (scale 1), grouped by block, and the member's ω and prompt.",
+                        "the identity line (scale 1), grouped by block, and the member's ω and prompt. The charts "
+                        "show in the node itself; the IMAGE output carries them on (e.g. to SaveImage).",
             inputs=[Calibri.Input("calibration", tooltip="The calibration to draw.")],
-            outputs=[io.Image.Output()],
+            outputs=[io.Image.Output(display_name="charts",
+                                     tooltip="One chart per ensemble member, as an IMAGE batch.")],
+            is_output_node=True,
         )
 
     @classmethod
     def execute(cls, calibration: Preset) -> io.NodeOutput:
-        return io.NodeOutput(torch.from_numpy(plot_calibration(calibration.calibration)))
+        charts = torch.from_numpy(plot_calibration(calibration.calibration))
+        return io.NodeOutput(charts, ui=ui.PreviewImage(charts, cls=cls))

@@ -11,18 +11,19 @@ import logging
 import os
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..calibri_core.host import ActiveRange, model_layout
 from ..calibri_core.preset import Preset
 
-__all__ = ["io", "Calibri", "CATEGORY", "FOLDER", "PRESETS_DIR", "register_folder", "fitted", "active_range",
+__all__ = ["io", "ui", "Calibri", "CATEGORY", "FOLDER", "PRESETS_DIR", "register_folder", "fitted", "active_range",
            "range_inputs", "check_range"]
 
 log = logging.getLogger("calibri")
 
 CATEGORY = "Calibri"
 FOLDER = "calibri"
+EXTENSIONS = (".safetensors", ".json")
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
 
 Calibri = io.Custom("CALIBRI")
@@ -32,14 +33,16 @@ def register_folder() -> None:
     """Make ``models/calibri`` and the pack's ``presets/`` the ``calibri`` folder.
 
     ``extra_model_paths.yaml`` is applied before custom nodes load, so an entry made there is extended,
-    never replaced.
+    never replaced. ``.json`` is listed too, for the reference's ``cmaes_step_NNNN.json`` checkpoints
+    (CalibriLoadPreset shows only those of the JSON files).
     """
     models = os.path.join(folder_paths.models_dir, FOLDER)
     if FOLDER in folder_paths.folder_names_and_paths:
         folder_paths.add_model_folder_path(FOLDER, models)
         folder_paths.add_model_folder_path(FOLDER, PRESETS_DIR)
+        folder_paths.folder_names_and_paths[FOLDER][1].update(EXTENSIONS)
     else:
-        folder_paths.folder_names_and_paths[FOLDER] = ([models, PRESETS_DIR], {".safetensors"})
+        folder_paths.folder_names_and_paths[FOLDER] = ([models, PRESETS_DIR], set(EXTENSIONS))
 
 
 def fitted(model, calibration: Preset) -> Preset:

@@ -8,11 +8,20 @@ import re
 
 import folder_paths
 
+from ..calibri_core.host import model_layout
+from ..calibri_core.layouts import import_reference_for_layout
 from ..calibri_core.preset import Preset, load_preset, save_preset, tool_version
 from .common import CATEGORY, FOLDER, Calibri, io
 
 _SUFFIX = ".safetensors"
 _BAD_CHARS = re.compile(r'[<>:"|?*\x00-\x1f]')
+_REFERENCE = re.compile(r"(^|[/\\])cmaes_step_\d+\.json$")  # the reference's checkpoint names
+
+
+def preset_choices() -> list[str]:
+    """Presets and reference checkpoints in the calibri folders (other JSON files are not calibrations)."""
+    return [name for name in folder_paths.get_filename_list(FOLDER)
+            if name.endswith(_SUFFIX) or _REFERENCE.search(name)]
 
 
 class CalibriLoadPreset(io.ComfyNode):
@@ -23,32 +32,47 @@ class CalibriLoadPreset(io.ComfyNode):
             display_name="Calibri Load Preset",
             category=CATEGORY,
             description="Load a Calibri calibration (arXiv 2603.24800) from ComfyUI/models/calibri/ or the "
-                        "pack's presets/ folder. Connect it to CalibriApply (one member) or the ensemble nodes.",
-            inputs=[io.Combo.Input("preset", options=folder_paths.get_filename_list(FOLDER),
+                        "pack's presets/ folder. Connect it to CalibriApply (one member) or the ensemble nodes. "
+                        "The authors' checkpoints (cmaes_step_NNNN.json) load directly when the model is "
+                        "connected: their pipeline and granularity are read from the file and the model.",
+            inputs=[io.Combo.Input("preset", options=preset_choices(),
                                    tooltip="A .safetensors preset in models/calibri/ (or a folder named "
-                                           "'calibri' in extra_model_paths.yaml) or the pack's presets/.")],
-            outputs=[Calibri.Output(display_name="calibration")],
+                                           "'calibri' in extra_model_paths.yaml) or the pack's presets/, or a "
+                                           "reference checkpoint cmaes_step_NNNN.json placed there."),
+                    io.Model.Input("model", optional=True,
+                                   tooltip="Needed only for a cmaes_step_NNNN.json: the model it was searched "
+                                           "for, whose layout says how to read the file's flat vector.")],
+            outputs=[Calibri.Output(display_name="calibration",
+                                   tooltip="A CALIBRI value: the scales plus the block counts of the model they "
+                                           "fit; connect it to CalibriApply, the ensemble nodes, Save or Plot.")],
         )
 
     @classmethod
     def validate_inputs(cls, preset: str) -> bool | str:
-        if preset not in folder_paths.get_filename_list(FOLDER):
+        if preset not in preset_choices():
             folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
             return f"preset {preset!r} is not in any calibri folder ({folders}); put the .safetensors file there."
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, preset: str):
+    def fingerprint_inputs(cls, preset: str, model=None):
         path = folder_paths.get_full_path(FOLDER, preset)
         return (path, os.path.getmtime(path)) if path else preset  # an edited file is read again
 
     @classmethod
-    def execute(cls, preset: str) -> io.NodeOutput:
+    def execute(cls, preset: str, model=None) -> io.NodeOutput:
         path = folder_paths.get_full_path(FOLDER, preset)
         if path is None:
             raise ValueError(f"Calibri: preset {preset!r} was not found in any calibri folder "
                              f"({', '.join(folder_paths.get_folder_paths(FOLDER))}). Put the .safetensors file "
                              f"there and refresh, or save one with CalibriSavePreset.")
+        if not path.endswith(_SUFFIX):
+            if model is None:
+                raise ValueError(f"Calibri: {preset!r} is a reference checkpoint; connect the model it was searched "
+                                 f"for to CalibriLoadPreset's model input so its flat vector can be read, or "
+                                 f"convert it with `python -m calibri_core.preset import {preset} --pipeline ... "
+                                 f"--granularity ...`.")
+            return io.NodeOutput(import_reference_for_layout(path, model_layout(model)[1]))
         return io.NodeOutput(load_preset(path))
 
 

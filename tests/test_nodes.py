@@ -23,7 +23,7 @@ SIGMA = 0.7
 
 # The public contract: node ids and input names never change once released.
 CONTRACT = {
-    "CalibriLoadPreset": ["preset"],
+    "CalibriLoadPreset": ["preset", "model"],
     "CalibriApply": ["model", "calibration", "strength", "start_percent", "end_percent"],
     "CalibriManual": ["model", "granularity", "text"],
     "CalibriCombine": [f"{name}_{k}" for k in range(1, 5) for name in ("calibration", "weight", "prompt")],
@@ -32,10 +32,11 @@ CONTRACT = {
     "CalibriEnsemble": ["model", "calibration", "start_percent", "end_percent"],
     "CalibriSavePreset": ["calibration", "filename", "overwrite"],
     "CalibriPlot": ["calibration"],
+    "CalibriSweep": ["model", "granularity", "scale", "sites"],
 }
 OUTPUTS = {"CalibriLoadPreset": ["CALIBRI"], "CalibriApply": ["MODEL"], "CalibriManual": ["CALIBRI"],
            "CalibriCombine": ["CALIBRI"], "CalibriEnsembleGuider": ["GUIDER"], "CalibriEnsemble": ["MODEL"],
-           "CalibriSavePreset": [], "CalibriPlot": ["IMAGE"]}
+           "CalibriSavePreset": [], "CalibriPlot": ["IMAGE"], "CalibriSweep": ["MODEL", "STRING"]}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,8 @@ def test_node_ids_inputs_and_outputs_are_pinned():
         assert schema.category == "Calibri"
         assert schema.description
         assert all(i.tooltip for i in schema.inputs), f"{node_id}: every input needs a tooltip"
-    assert schemas["CalibriSavePreset"].is_output_node
+        assert all(o.tooltip for o in schema.outputs), f"{node_id}: every output needs a tooltip"
+    assert schemas["CalibriSavePreset"].is_output_node and schemas["CalibriPlot"].is_output_node
 
 
 def test_only_one_module_imports_the_node_api():
@@ -95,7 +97,8 @@ def test_folder_registration_extends_an_existing_entry(monkeypatch, tmp_path):
     assert paths[0] == str(tmp_path) and models in paths and nodes.common.PRESETS_DIR in paths
     monkeypatch.delitem(folder_paths.folder_names_and_paths, "calibri")
     nodes.common.register_folder()
-    assert folder_paths.folder_names_and_paths["calibri"] == ([models, nodes.common.PRESETS_DIR], {".safetensors"})
+    assert folder_paths.folder_names_and_paths["calibri"] == ([models, nodes.common.PRESETS_DIR],
+                                                              {".safetensors", ".json"})
 
 
 # ---------------------------------------------------------------- Manual
