@@ -42,6 +42,24 @@ def chunk_tuple_hooks(module: str, positions: dict[tuple[str, str], int]) -> Cal
     return install
 
 
+def _ltxv_timestep_hooks(dm, gates: list[Gate], scales: dict[int, float]) -> None:
+    """LTX-Video: a block's gate k is ``scale_shift_table[k] + timestep[k]``; a pre-hook rewrites the block's timestep
+    chunk to s·timestep[k] + (s − 1)·table[k] (Wan's identity), so that the sum is s·gate."""
+    chunk = {"attn1": 2, "ff": 5, "attn2": 8}
+    for block, per_gate in _by_block(gates, scales).items():
+        def pre_hook(mod, args, kwargs, per_gate=per_gate):
+            timestep = kwargs["timestep"].clone()
+            table = mod.scale_shift_table
+            view = timestep.view(timestep.shape[0], timestep.shape[1], table.shape[0], -1)
+            for (_, branch), s in per_gate.items():
+                k = chunk[branch]
+                view[:, :, k] = s * view[:, :, k] + (s - 1) * table[k].to(view)
+            return args, dict(kwargs, timestep=timestep)
+
+        _get(dm, block).register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
 REFERENCES_PART2 = {
+    "ltxv": _ltxv_timestep_hooks,
     "krea2": chunk_tuple_hooks("mod", {("", "attn"): 2, ("", "mlp"): 5}),  # (pre-/post-) scale, shift, gate
 }

@@ -23,8 +23,8 @@ def _registry() -> dict[str, Family]:
     # Z-Image / Lumina2); the first match wins.
     families = [flux2.FAMILY, flux.FAMILY, flux.LONGCAT_IMAGE, flux.OVIS_IMAGE, chroma.FAMILY, sd3.FAMILY,
                 qwen_image.FAMILY, lumina.Z_IMAGE, lumina.LUMINA2, wan.FAMILY]
-    from . import krea2  # issue 11, part 2
-    families += [krea2.FAMILY]
+    from . import krea2, lightricks  # issue 11, part 2
+    families += [krea2.FAMILY, lightricks.LTXV]
     return {f.name: f for f in families}
 
 
