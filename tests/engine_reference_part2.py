@@ -59,7 +59,39 @@ def _ltxv_timestep_hooks(dm, gates: list[Gate], scales: dict[int, float]) -> Non
         _get(dm, block).register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
+def _ltxav_ada_value_hooks(dm, gates: list[Gate], scales: dict[int, float]) -> None:
+    """LTX-2: every gate is read through the block's ``get_ada_values(table, batch, timestep, indices)``; the
+    instance's method is wrapped so that the gate value it returns (the gate row of the stream's table, or of the
+    cross-modal table's gate part) comes back multiplied by its scale."""
+    # (stream, branch) → (table attribute, row slice of that table the gate is read from, position in the result)
+    where = {("video", "attn1"): ("scale_shift_table", slice(2, 3), 0),
+             ("video", "attn2"): ("scale_shift_table", slice(6, 9), 2),
+             ("video", "ff"): ("scale_shift_table", slice(5, 6), 0),
+             ("video", "audio_to_video_attn"): ("scale_shift_table_a2v_ca_video", slice(4, None), 0),
+             ("audio", "attn1"): ("audio_scale_shift_table", slice(2, 3), 0),
+             ("audio", "attn2"): ("audio_scale_shift_table", slice(6, 9), 2),
+             ("audio", "ff"): ("audio_scale_shift_table", slice(5, 6), 0),
+             ("audio", "video_to_audio_attn"): ("scale_shift_table_a2v_ca_audio", slice(4, None), 0)}
+    for block, per_gate in _by_block(gates, scales).items():
+        module = _get(dm, block)
+
+        def get_ada_values(table, batch_size, timestep, indices=slice(None, None), original=module.get_ada_values,
+                           module=module, per_gate=per_gate):
+            values = list(original(table, batch_size, timestep, indices))
+            for key, s in per_gate.items():
+                name, rows, position = where[key]
+                param = getattr(module, name)
+                cross_modal = rows.stop is None  # the gate part is passed as its own table, read whole
+                if (cross_modal and table.data_ptr() == param[rows].data_ptr() and table.shape[0] == 1) or (
+                        not cross_modal and table is param and indices == rows):
+                    values[position] = values[position] * s
+            return tuple(values)
+
+        module.get_ada_values = get_ada_values
+
+
 REFERENCES_PART2 = {
+    "ltxav": _ltxav_ada_value_hooks,
     "ltxv": _ltxv_timestep_hooks,
     "krea2": chunk_tuple_hooks("mod", {("", "attn"): 2, ("", "mlp"): 5}),  # (pre-/post-) scale, shift, gate
 }

@@ -92,10 +92,11 @@ SPECS = {
                                         num_layers=2),
                       (48, 3, 8, 8), (5, 32), family="wan"),
 }
-from tiny_specs_part2 import SPECS_PART2  # noqa: E402  (issue 11, part 2: needs TinySpec above)
+from tiny_specs_part2 import AV_SPECS_PART2, SPECS_PART2  # noqa: E402  (issue 11, part 2: needs TinySpec above)
 
 SPECS.update(SPECS_PART2)
 FAMILIES = tuple(SPECS)
+SPECS.update(AV_SPECS_PART2)  # nested (video, audio) latents: tests/test_audio_video.py
 
 
 def family_of(spec_name: str) -> str:

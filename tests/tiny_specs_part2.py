@@ -23,3 +23,19 @@ SPECS_PART2 = {
                                     txtkvheads=2),
                       (16, 1, 8, 8), (5, 32)),
 }
+
+
+# Audio-video models take a NestedTensor latent (video, audio), which test_engine's helpers do not build: these specs
+# join tiny_models.SPECS after its FAMILIES and are tested by tests/test_audio_video.py. ``latent`` is the video
+# stream; AUDIO_LATENTS gives each spec's audio stream (without batch).
+_LTXAV_TINY = dict(image_model="ltxav", in_channels=128, audio_in_channels=128, cross_attention_dim=64,
+                   audio_cross_attention_dim=32, attention_head_dim=16, audio_attention_head_dim=8,
+                   num_attention_heads=4, audio_num_attention_heads=4, caption_channels=32, num_layers=2,
+                   connector_attention_head_dim=8, connector_num_attention_heads=4, connector_num_layers=1)
+# the context is LTX-2's processed text (video half | audio half, caption_channels each), as its connectors give it
+AV_SPECS_PART2 = {
+    "ltxav": TinySpec("LTXAV", _LTXAV_TINY, (128, 2, 4, 4), (5, 64), text_mask=True),
+    "ltxav_adaln": TinySpec("LTXAV", dict(_LTXAV_TINY, cross_attention_adaln=True), (128, 2, 4, 4), (5, 64),
+                            text_mask=True, family="ltxav"),
+}
+AUDIO_LATENTS = {"ltxav": (8, 6, 16), "ltxav_adaln": (8, 6, 16)}  # (audio channels, latent frames, frequency bins)

@@ -24,7 +24,7 @@ def _registry() -> dict[str, Family]:
     families = [flux2.FAMILY, flux.FAMILY, flux.LONGCAT_IMAGE, flux.OVIS_IMAGE, chroma.FAMILY, sd3.FAMILY,
                 qwen_image.FAMILY, lumina.Z_IMAGE, lumina.LUMINA2, wan.FAMILY]
     from . import krea2, lightricks  # issue 11, part 2
-    families += [krea2.FAMILY, lightricks.LTXV]
+    families += [krea2.FAMILY, lightricks.LTXV, lightricks.LTXAV]
     return {f.name: f for f in families}
 
 
