@@ -16,6 +16,26 @@ from .sites import GRANULARITIES, SiteLayout
 
 PROMPTS = ("positive", "negative")
 
+SCALE_LIMIT = 1e3
+"""Every scale s lies in [−SCALE_LIMIT, SCALE_LIMIT], and so does s' = 1 + strength·(s − 1) after CalibriApply.
+
+Why 10³: the engine multiplies gates in the model's own dtype, and float16 (the narrowest one ComfyUI runs DiTs in)
+ends at 65504, so a scale of 10³ still leaves room for gate × branch values up to ~65 before an image turns into
+inf/NaN, while 10³ is 500 times the search's bound [−1, 2] and far beyond any scale the paper reports (issue 10:
+``site = 1e308`` was accepted and sampled a NaN image)."""
+WEIGHT_LIMIT = 1e3
+"""Every output weight ω lies in [−WEIGHT_LIMIT, WEIGHT_LIMIT]: 100 times the search's bound [−10, 10] (the CFG start
+ω = (cfg, 1 − cfg) stays far inside for any usable cfg), for the same float16 reason as ``SCALE_LIMIT``."""
+
+
+def check_scale(value: float, what: str, limit: float = SCALE_LIMIT) -> None:
+    """Raise a ValueError naming ``what`` unless ``value`` is a finite number within ±``limit``."""
+    if not math.isfinite(value):
+        raise ValueError(f"Calibri: {what} is {value}; every scale and ω must be a finite number.")
+    if abs(value) > limit:
+        raise ValueError(f"Calibri: {what} is {value:g}, outside [-{limit:g}, {limit:g}], the range the engine "
+                         f"represents in every model dtype (float16 ends at 65504). Use a value in that range.")
+
 
 @dataclass(frozen=True)
 class Member:
@@ -52,8 +72,9 @@ class Calibration:
             raise ValueError(f"Calibri: granularity {self.granularity!r} is not one of {GRANULARITIES}.")
         if not self.sites:
             raise ValueError("Calibri: a calibration needs at least one site.")
-        duplicates = sorted({s for s in self.sites if self.sites.count(s) > 1})
-        if duplicates:
+        if len(set(self.sites)) != len(self.sites):  # a set, not list.count per site: sites may come from any file
+            seen: set[str] = set()
+            duplicates = sorted({s for s in self.sites if s in seen or seen.add(s)})
             raise ValueError(f"Calibri: site names must be unique; repeated: {duplicates}.")
         if not self.members:
             raise ValueError("Calibri: a calibration needs at least one member (N = 0 was given). "
@@ -68,6 +89,10 @@ class Calibration:
                                  f"{' ...' if len(bad) > 5 else ''}; every scale must be a finite number.")
             if not math.isfinite(member.weight):
                 raise ValueError(f"Calibri: member {i} has a non-finite output weight ω = {member.weight}.")
+            for site, scale in zip(self.sites, member.scales):
+                if abs(scale) > SCALE_LIMIT:
+                    check_scale(scale, f"member {i}'s scale at {site}")
+            check_scale(member.weight, f"member {i}'s output weight ω", WEIGHT_LIMIT)
             if member.prompt not in PROMPTS:
                 raise ValueError(f"Calibri: member {i} prompt {member.prompt!r} must be one of {PROMPTS}.")
 
@@ -93,8 +118,9 @@ class Calibration:
         expected = layout.site_names(self.granularity)
         if set(self.sites) == set(expected):
             return
-        unknown = [s for s in self.sites if s not in set(expected)]
-        missing = [s for s in expected if s not in set(self.sites)]
+        expected_set, given = set(expected), set(self.sites)
+        unknown = [s for s in self.sites if s not in expected_set]
+        missing = [s for s in expected if s not in given]
         lines = [f"Calibri: the calibration's {self.granularity} sites do not match the connected model "
                  f"{layout.describe()} ({len(self.sites)} sites given, {len(expected)} expected)."]
         for name in unknown[:5]:
@@ -104,6 +130,18 @@ class Calibration:
             lines.append(f"  missing sites: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         lines.append("  A calibration made for a model with other block counts cannot be applied to this one.")
         raise ValueError("\n".join(lines))
+
+    def check_strength(self, strength: float) -> None:
+        """Raise a ValueError unless CalibriApply's s' = 1 + strength·(s − 1) and ω' keep every value in range.
+
+        ``strength`` arrives through ComfyUI's API, whose min/max check lets NaN pass (issue 10).
+        """
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength):
+            raise ValueError(f"Calibri: strength must be a finite number; got {strength!r}.")
+        for i, member in enumerate(self.members):
+            for site, scale in zip(self.sites, member.scales):
+                check_scale(1 + strength * (scale - 1), f"member {i}'s scale at {site} with strength {strength}")
+            check_scale(1 + strength * (member.weight - 1), f"member {i}'s ω with strength {strength}", WEIGHT_LIMIT)
 
     def gate_scales(self, layout: SiteLayout) -> list[list[float]]:
         """The [N, gates] matrix the engine applies: each gate gets the scale of its site."""

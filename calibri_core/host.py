@@ -298,12 +298,14 @@ def apply_calibration(model: Any, calibration: Calibration, *, strength: float =
     ω' = 1 + strength·(ω − 1) inside ``active_range``; outside it the model runs unscaled.
 
     Raises:
-        ValueError: the calibration has several members, or does not fit the model (family, sites).
+        ValueError: the calibration has several members, does not fit the model (family, sites), or ``strength``
+            is not finite or takes a scale or ω out of ``calibration.SCALE_LIMIT`` / ``WEIGHT_LIMIT``.
     """
     if len(calibration.members) != 1:
         raise ValueError(f"Calibri: this calibration has {len(calibration.members)} members; applying it to a MODEL "
                          "needs exactly one. Use CalibriEnsemble (KSampler) or CalibriEnsembleGuider "
                          "(SamplerCustomAdvanced) for ensembles.")
+    calibration.check_strength(strength)
     _, layout = model_layout(model)
     gates = torch.tensor(calibration.gate_scales(layout), dtype=torch.float32)
     row = 1 + strength * (gates - 1)

@@ -11,7 +11,8 @@ and how a calibration is tuned by hand. The grammar, one statement per line::
     weight = 1.3                    # the output weight ω (default 1)
 
 Every site that no line names keeps the scale 1. A site named twice (also through overlapping ranges or a
-block and one of its gates) is an error, as are names the model does not have and non-finite values.
+block and one of its gates) is an error, as are names the model does not have (a range must lie inside the
+model's blocks) and values outside [−10³, 10³] (``calibration.SCALE_LIMIT``, ``WEIGHT_LIMIT``) or non-finite.
 This module is pure: no torch, no ComfyUI.
 """
 
@@ -22,10 +23,11 @@ import math
 import re
 from dataclasses import dataclass
 
-from .calibration import Calibration, Member
-from .sites import GRANULARITIES, SiteLayout
+from .calibration import SCALE_LIMIT, WEIGHT_LIMIT, Calibration, Member
+from .sites import GRANULARITIES, MAX_BLOCKS, SiteLayout
 
 WEIGHT_KEY = "weight"
+_INDEX_DIGITS = 18  # longer block indices are refused unread; shorter ones are checked against the model's blocks
 _TARGET = re.compile(r"^(?P<container>[A-Za-z_]\w*)\.(?P<lo>\d+)(?:-(?P<hi>\d+))?(?P<rest>(?:\.[A-Za-z_]\w*)*)$")
 
 
@@ -62,6 +64,13 @@ def parse_statements(text: str) -> list[Statement]:
     """
     if not isinstance(text, str):
         raise ValueError(f"Calibri: the manual calibration must be text; got {type(text).__name__}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (e.g. "\ud800" sent through the API) cannot be saved
+        number = text.count("\n", 0, e.start) + 1
+        raise ValueError(f"Calibri: line {number} of the manual calibration holds {text[e.start]!r} at character "
+                         f"{e.start}, which is not valid Unicode text (a lone surrogate); delete or retype "
+                         f"it.") from None
     statements: list[Statement] = []
     weight_line: Statement | None = None
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -78,6 +87,11 @@ def parse_statements(text: str) -> list[Statement]:
             raise ValueError(f"Calibri: {_where(number, raw)}: {value_text!r} is not a number.") from None
         if not math.isfinite(value):
             raise ValueError(f"Calibri: {_where(number, raw)}: the value must be a finite number, not {value_text}.")
+        limit = WEIGHT_LIMIT if name == WEIGHT_KEY else SCALE_LIMIT
+        if abs(value) > limit:
+            raise ValueError(f"Calibri: {_where(number, raw)}: {value_text} is outside [-{limit:g}, {limit:g}], the "
+                             f"range of a {'weight ω' if name == WEIGHT_KEY else 'scale'} (float16 models end at "
+                             f"65504). Use a value in that range.")
         if name == WEIGHT_KEY:
             if weight_line is not None:
                 raise ValueError(f"Calibri: {_where(number, raw)} sets the weight ω again; it was already set on "
@@ -90,6 +104,10 @@ def parse_statements(text: str) -> list[Statement]:
             raise ValueError(f"Calibri: {_where(number, raw)}: {name!r} is not a site name. Write a block, "
                              f"optionally with a range and the rest of the site: `single_blocks.10`, "
                              f"`single_blocks.10-15`, `double_blocks.3-5.attn`, or `weight` for ω.")
+        too_long = [d for d in (m["lo"], m["hi"]) if d is not None and len(d) > _INDEX_DIGITS]
+        if too_long:  # int() of thousands of digits is slow or refused past 4300 digits
+            raise ValueError(f"Calibri: {_where(number, raw)}: block index {too_long[0][:12]}... is not a block of "
+                             f"any model (they have at most {MAX_BLOCKS}).")
         lo = int(m["lo"])
         hi = int(m["hi"]) if m["hi"] is not None else lo
         if hi < lo:
@@ -110,13 +128,19 @@ def _span(indices: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _unknown(statement: Statement, name: str, sites: tuple[str, ...], granularity: str) -> ValueError:
+def _blocks(sites: tuple[str, ...]) -> dict[str, list[int]]:
+    """Container → its block indices in model order: ``{"double_blocks": [0, 1], "single_blocks": [0, 1, 2]}``."""
     blocks: dict[str, list[int]] = {}
     for site in sites:
         container, index = site.split(".")[:2]
         indices = blocks.setdefault(container, [])
         if not indices or indices[-1] != int(index):
             indices.append(int(index))
+    return blocks
+
+
+def _unknown(statement: Statement, name: str, sites: tuple[str, ...], granularity: str) -> ValueError:
+    blocks = _blocks(sites)
     where = _where(statement.number, statement.line)
     have = "; ".join(f"{c}.{_span(ix)}" for c, ix in blocks.items())
     if statement.container not in blocks:
@@ -164,10 +188,19 @@ def parse_manual(text: str, layout: SiteLayout, granularity: str = "block") -> C
     scales = [1.0] * len(sites)
     set_by: dict[str, Statement] = {}
     weight = 1.0
+    blocks = {container: set(indices) for container, indices in _blocks(sites).items()}
     for statement in statements:
         if statement.is_weight:
             weight = statement.value
             continue
+        indices = blocks.get(statement.container)
+        if indices is None:
+            raise _unknown(statement, f"{statement.container}.{statement.lo}{statement.rest}", sites, granularity)
+        if statement.hi > statement.lo:  # a range is checked against the model's blocks before it is expanded
+            missing = next((i for i in (statement.lo, max(indices) + 1) if i not in indices and
+                            statement.lo <= i <= statement.hi), None)
+            if missing is not None:  # blocks are numbered 0..n-1, so checking both ends covers the range
+                raise _unknown(statement, f"{statement.container}.{missing}{statement.rest}", sites, granularity)
         for name in statement.names():
             covered = [s for s in sites if s == name or s.startswith(name + ".")]
             if not covered:

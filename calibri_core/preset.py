@@ -25,13 +25,21 @@ import numpy as np
 
 from .calibration import PROMPTS, Calibration, Member
 from .families import get_family
-from .files import write_bytes_atomic
-from .sites import GRANULARITIES, SiteLayout
+from .files import check_name_length, write_bytes_atomic
+from .sites import GRANULARITIES, SiteLayout, check_counts
 
 FORMAT_VERSION = 1
 METADATA_KEY = "calibri"
 PRESET_FOLDER = "ComfyUI/models/calibri/"
 _REQUIRED = ("format_version", "family", "granularity", "sites", "prompts", "counts")
+
+# Bounds on what a file may make the reader allocate (issue 10). A real preset is a few kB: the largest family
+# (1024 blocks at most, sites.MAX_BLOCKS) at gate granularity has ~10⁴ sites.
+MAX_FILE_BYTES = 64 * 2 ** 20
+MAX_HEADER_BYTES = 8 * 2 ** 20   # the safetensors JSON header, metadata included, read before safetensors parses it
+MAX_SITES = 16384
+MAX_MEMBERS = 1024
+MAX_DEPTH = 64                   # nesting of the metadata JSON (a CalibriCombine of combines adds 4 levels)
 
 
 def tool_version() -> str:
@@ -46,10 +54,29 @@ def tool_version() -> str:
         return "unknown"
 
 
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and dicts, found without recursion (a hostile file may nest 50,000 deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            deepest = max(deepest, level)
+            if level <= MAX_DEPTH:
+                stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _strict_json(value: Any, what: str) -> Any:
     """``value`` after a JSON round trip (tuples become lists); rejects what JSON cannot hold."""
+    if _depth(value) > MAX_DEPTH:
+        raise ValueError(f"Calibri: the preset's {what} nest deeper than {MAX_DEPTH} levels; keep it flat JSON.")
     try:
-        return json.loads(json.dumps(value, allow_nan=False))
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")  # a lone surrogate would only fail when the file is written
+        return json.loads(text)
+    except UnicodeEncodeError as e:
+        raise ValueError(f"Calibri: the preset's {what} holds {e.object[e.start:e.end]!r}, which is not valid "
+                         f"Unicode text (a lone surrogate); remove it.") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"Calibri: the preset's {what} must be plain JSON (dicts, lists, strings, finite "
                          f"numbers, booleans, null); {e}.") from None
@@ -80,7 +107,8 @@ class Preset:
             raise ValueError(f"Calibri: a preset needs a Calibration; got {type(self.calibration).__name__}.")
         if not isinstance(self.counts, dict) or not self.counts:
             raise ValueError(f"Calibri: a preset needs the block counts of its model as a non-empty dict "
-                             f"(SiteLayout.counts); got {self.counts!r}.")
+                             f"(SiteLayout.counts); got {self.counts!r:.80}.")
+        check_counts(self.counts)  # before the layout they describe is built
         if not isinstance(self.provenance, dict):
             raise ValueError(f"Calibri: a preset's provenance must be a dict; got {type(self.provenance).__name__}.")
         object.__setattr__(self, "counts", _strict_json(self.counts, "counts"))
@@ -153,6 +181,9 @@ def save_preset(path: str | os.PathLike, preset: Preset, overwrite: bool = False
     if not os.path.isdir(folder):
         raise ValueError(f"Calibri: cannot save {path!r}: folder {folder!r} does not exist. Create it first "
                          f"(presets usually go in {PRESET_FOLDER}).")
+    check_name_length(path)
+    if not isinstance(overwrite, bool):  # "false" is a true value; only a real boolean may replace a file
+        raise ValueError(f"Calibri: overwrite must be True or False; got {overwrite!r:.40}. Nothing was written.")
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"Calibri: {path!r} already exists; not overwriting it. Choose another name or ask "
                          f"to overwrite (overwrite=True, --overwrite).")
@@ -187,6 +218,7 @@ def load_preset(path: str | os.PathLike) -> Preset:
                          f"{PRESET_FOLDER}; check the name, or make one with the search or CalibriSavePreset.")
     if not os.path.isfile(path):
         raise bad("is not a file; give the path of a .safetensors preset.")
+    _check_size(path, bad)
     try:
         with safe_open(path, framework="numpy") as f:
             header = f.metadata() or {}
@@ -199,11 +231,17 @@ def load_preset(path: str | os.PathLike) -> Preset:
         raise bad(f"has no {METADATA_KEY!r} metadata, so it is not a Calibri preset (a model or LoRA file?). "
                   f"Metadata keys found: {sorted(header)}.")
     try:
-        meta = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError as e:
+        meta = json.loads(header[METADATA_KEY], parse_int=_small_int)
+    except RecursionError:
+        raise bad(f"its {METADATA_KEY!r} metadata nests deeper than Python can read; the file is damaged or not "
+                  f"made by Calibri, re-save it.") from None
+    except ValueError as e:  # JSONDecodeError, and integers of more digits than _small_int reads
         raise bad(f"its {METADATA_KEY!r} metadata is not valid JSON ({e}); the file is damaged, re-save it.") from None
     if not isinstance(meta, dict):
         raise bad(f"its {METADATA_KEY!r} metadata must be a JSON object; got {type(meta).__name__}.")
+    if _depth(meta) > MAX_DEPTH:
+        raise bad(f"its {METADATA_KEY!r} metadata nests deeper than {MAX_DEPTH} levels; a Calibri preset's is "
+                  f"flat JSON, re-save it.")
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise bad(f"its metadata lacks {missing}; a version-{FORMAT_VERSION} preset has {list(_REQUIRED)} "
@@ -224,6 +262,13 @@ def load_preset(path: str | os.PathLike) -> Preset:
         if not all(isinstance(v, str) for v in meta[key]):
             raise bad(f"metadata {key!r} must be a list of strings.")
     sites, prompts = meta["sites"], meta["prompts"]
+    if len(sites) > MAX_SITES or len(prompts) > MAX_MEMBERS:
+        raise bad(f"names {len(sites)} sites and {len(prompts)} members; a preset has at most {MAX_SITES} sites and "
+                  f"{MAX_MEMBERS} members.")
+    try:
+        check_counts(meta["counts"])
+    except ValueError as e:
+        raise bad(f"{str(e).removeprefix('Calibri: ')} Re-save the preset from the model it was made for.") from None
     for name in ("scales", "weights"):
         if name not in tensors:
             raise bad(f"has no {name!r} tensor; a preset holds 'scales' [N, sites] and 'weights' [N].")
@@ -244,6 +289,30 @@ def load_preset(path: str | os.PathLike) -> Preset:
         return Preset(calibration, meta["counts"], meta.get("provenance", {}))
     except ValueError as e:
         raise bad(str(e).removeprefix("Calibri: ")) from None
+
+
+def _small_int(text: str) -> int:
+    """JSON integers as ``int``, refusing the long ones: int() of a 5,000-digit string fails without naming why."""
+    if len(text.lstrip("-")) > 30:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits ({text[:12]}...) is larger than any value a "
+                         f"preset holds")
+    return int(text)
+
+
+def _check_size(path: str, bad) -> None:
+    """Refuse a file, or a safetensors header, larger than any preset before safetensors parses it."""
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise bad(f"is {size / 2 ** 20:.0f} MiB, larger than any preset (at most {MAX_FILE_BYTES // 2 ** 20} MiB); "
+                  f"is it a model file? Presets are small .safetensors files written by Calibri.")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) == 8:  # shorter files are left to safetensors, which names the problem
+        header = int.from_bytes(head, "little")
+        if header > MAX_HEADER_BYTES:
+            raise bad(f"is not a readable safetensors file: it declares a {header}-byte header, larger than any "
+                      f"preset's (at most {MAX_HEADER_BYTES // 2 ** 20} MiB). A Calibri preset is a .safetensors "
+                      f"file written by Calibri; re-save or re-download it.")
 
 
 def preset_to_json(preset: Preset) -> dict:

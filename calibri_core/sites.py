@@ -20,6 +20,57 @@ from dataclasses import dataclass, field
 
 GRANULARITIES = ("block", "layer", "gate")
 
+MAX_BLOCKS = 1024
+"""The most blocks a count may name. The largest supported DiTs have 60 (Qwen-Image) and 57 (FLUX.1); counts come
+from files and texts that anyone can write, and a layout is built in proportion to them, so they are bounded first
+(issue 10: ``joint_blocks = 10**9`` built 10⁹ gates before any check)."""
+MAX_COUNT_KEYS = 16
+
+
+def check_counts(counts: object) -> None:
+    """Raise a ValueError unless ``counts`` is a small, well-formed ``SiteLayout.counts``, before anything is built.
+
+    Counts are a dict of at most ``MAX_COUNT_KEYS`` string keys whose values are booleans, block counts (integers
+    0..``MAX_BLOCKS``) or lists of distinct block indices, each below the largest block count of the dict (so no
+    list is longer than the block count). The family's ``gates`` then reads the keys it needs.
+    """
+    if not isinstance(counts, dict):
+        raise ValueError(f"Calibri: block counts must be a JSON object (e.g. {{\"double_blocks\": 19}}); "
+                         f"got {type(counts).__name__}.")
+    if not counts or len(counts) > MAX_COUNT_KEYS:
+        raise ValueError(f"Calibri: block counts must have 1 to {MAX_COUNT_KEYS} keys; got {len(counts)}.")
+    sizes = []
+    for key, value in counts.items():
+        if not isinstance(key, str):
+            raise ValueError(f"Calibri: block count names must be strings; got {key!r:.40}.")
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value <= MAX_BLOCKS:
+                raise ValueError(f"Calibri: block count {key!r} = {_short(value)} is outside 0..{MAX_BLOCKS} "
+                                 f"(the most blocks a model may have); the counts are damaged or not from a model.")
+            sizes.append(value)
+    blocks = max(sizes, default=0)
+    for key, value in counts.items():
+        if isinstance(value, bool) or (isinstance(value, int) and not isinstance(value, bool)):
+            continue
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"Calibri: block count {key!r} must be an integer, a boolean or a list of block "
+                             f"indices; got {type(value).__name__}.")
+        if len(value) > blocks:
+            raise ValueError(f"Calibri: block count {key!r} lists {len(value)} blocks, more than the {blocks} "
+                             f"the counts have; the counts are damaged or not from a model.")
+        bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < blocks]
+        if bad:
+            raise ValueError(f"Calibri: block count {key!r} holds {_short(bad[0])}, not a block index in "
+                             f"0..{blocks - 1}.")
+        if len(set(value)) != len(value):
+            raise ValueError(f"Calibri: block count {key!r} lists a block twice.")
+
+
+def _short(value: object) -> str:
+    if isinstance(value, int) and abs(value) >= 10 ** 30:  # str() of a huge int is slow, and refused past 4300 digits
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    return repr(value)[:60]
+
 
 @dataclass(frozen=True)
 class Gate:

@@ -8,6 +8,7 @@ from ..calibri_core.sampling import EnsembleGuider, apply_ensemble
 from .common import CATEGORY, Calibri, active_range, check_range, fitted, io, range_inputs
 
 RESCALE = ("off", "positive_norm")
+STRENGTH = (-2.0, 5.0)
 _CALIBRATION_TOOLTIP = "A CALIBRI value from CalibriLoadPreset, CalibriManual or CalibriCombine."
 
 
@@ -24,7 +25,7 @@ class CalibriApply(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="A DiT model of a supported family (FLUX, SD3, Qwen-Image, ...)."),
                 Calibri.Input("calibration", tooltip=_CALIBRATION_TOOLTIP + " Must have exactly one member."),
-                io.Float.Input("strength", default=1.0, min=-2.0, max=5.0, step=0.01,
+                io.Float.Input("strength", default=1.0, min=STRENGTH[0], max=STRENGTH[1], step=0.01,
                                tooltip="Each scale s and ω become 1 + strength·(s − 1): 0 = off, 1 = the "
                                        "calibration as saved, above 1 extrapolates, below 0 inverts."),
                 *range_inputs(),
@@ -34,7 +35,10 @@ class CalibriApply(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_percent: float = 0.0, end_percent: float = 1.0) -> bool | str:
+    def validate_inputs(cls, start_percent: float = 0.0, end_percent: float = 1.0, strength: float = 1.0) -> bool | str:
+        # Taking strength here skips ComfyUI's min/max check, which NaN passes anyway (NaN < min is False).
+        if not isinstance(strength, (int, float)) or not STRENGTH[0] <= strength <= STRENGTH[1]:
+            return f"strength ({strength}) must be a number between {STRENGTH[0]} and {STRENGTH[1]}."
         return check_range(start_percent, end_percent)
 
     @classmethod

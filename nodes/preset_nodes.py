@@ -8,10 +8,14 @@ import re
 
 import folder_paths
 
+from ..calibri_core.files import check_name_length
 from ..calibri_core.host import model_layout
 from ..calibri_core.layouts import import_reference_for_layout
 from ..calibri_core.preset import Preset, load_preset, save_preset, tool_version
+from . import booleans
 from .common import CATEGORY, FOLDER, Calibri, io
+
+booleans.register()  # "overwrite": "false" through /prompt must not read as True (see nodes/booleans.py)
 
 _SUFFIX = ".safetensors"
 _BAD_CHARS = re.compile(r'[<>:"|?*\x00-\x1f]')
@@ -113,13 +117,16 @@ class CalibriSavePreset(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, filename: str = "calibri-preset") -> bool | str:
         try:
-            preset_filename(filename)
+            # the file system's name limit is checked here, at submission, not first met when the file is written
+            check_name_length(os.path.join(folder_paths.get_folder_paths(FOLDER)[0], preset_filename(filename)))
         except ValueError as e:
             return str(e)
         return True
 
     @classmethod
     def execute(cls, calibration: Preset, filename: str, overwrite: bool = False) -> io.NodeOutput:
+        if not isinstance(overwrite, bool):
+            raise ValueError(f"Calibri: overwrite must be true or false; got {overwrite!r:.40}. Nothing was saved.")
         folder = folder_paths.get_folder_paths(FOLDER)[0]
         os.makedirs(folder, exist_ok=True)
         saved = {"tool": "Calibri for ComfyUI (CalibriSavePreset)", "tool_version": tool_version(),

@@ -85,8 +85,10 @@ CASES = [
 
 
 def encoded(meanings):
-    """A vector whose every entry tells where it came from: member·10000 + position + 0.25."""
-    return [m * 10000 + k + 0.25 for k, (m, _) in enumerate(meanings)]
+    """A vector whose every entry tells where it came from: member + (position + 0.25) / 1000 (under 1000 entries;
+    small enough to be a scale, calibration.SCALE_LIMIT)."""
+    assert len(meanings) < 1000
+    return [m + (k + 0.25) / 1000 for k, (m, _) in enumerate(meanings)]
 
 
 @pytest.mark.parametrize("pipeline,granularity,n,meanings,counts", CASES,
@@ -228,7 +230,7 @@ def test_cli_import_inspect_export(tmp_path, capsys):
     assert main(["export-json", str(out)]) == 0
     exported = json.loads(capsys.readouterr().out)
     assert exported["format_version"] == 1 and exported["granularity"] == "layer"
-    assert exported["members"][1]["scales"]["double_blocks.0.attn"] == 10000 + 38 + 0.25
+    assert exported["members"][1]["scales"]["double_blocks.0.attn"] == 1 + (38 + 0.25) / 1000
     assert exported["members"][0]["weight"] == encoded(meanings)[-2]
     js = tmp_path / "out.json"
     assert main(["export-json", str(out), "-o", str(js)]) == 0

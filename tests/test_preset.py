@@ -16,7 +16,7 @@ from calibri_core.families import get_family
 from calibri_core.preset import Preset, load_preset, save_preset
 
 COUNTS = {"double_blocks": 2, "single_blocks": 3}
-TRICKY = [0.1, 1 / 3, -0.0, 5e-324, 1e300, -1.0, 2.0000000000000004, 0.7, -0.25, 1.0]
+TRICKY = [0.1, 1 / 3, -0.0, 5e-324, 999.9999999999999, -1.0, 2.0000000000000004, 0.7, -0.25, 1.0]
 
 
 def layout(counts=COUNTS):

@@ -39,11 +39,12 @@ def _stream_gates(block: str, stream: str, module: str, *, dual: bool, scale_mod
 
 def gates(counts: dict) -> list[Gate]:
     result = []
+    dual, pre_only = set(counts["dual_attention_blocks"]), set(counts["context_pre_only_blocks"])
     for i in range(counts["joint_blocks"]):
         block = f"joint_blocks.{i}"
-        result += _stream_gates(block, "x", "x_block", dual=i in counts["dual_attention_blocks"],
+        result += _stream_gates(block, "x", "x_block", dual=i in dual,
                                 scale_mod_only=counts["scale_mod_only"])
-        if i not in counts["context_pre_only_blocks"]:
+        if i not in pre_only:
             result += _stream_gates(block, "context", "context_block", dual=False,
                                     scale_mod_only=counts["scale_mod_only"])
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..sites import Gate, SiteLayout
+from ..sites import Gate, SiteLayout, check_counts
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ class Family:
     search_micro_batch: int | None = None
 
     def layout(self, counts: dict) -> SiteLayout:
+        check_counts(counts)  # bounded before anything proportional to the counts is built
         return SiteLayout(self.name, dict(counts), tuple(self.gates(counts)))
 
     @property
