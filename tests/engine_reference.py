@@ -149,3 +149,6 @@ def reference_patcher(family: str, scales: dict[int, float], seed: int = 0):
 from engine_reference_part2 import REFERENCES_PART2  # noqa: E402  (issue 11, part 2)
 
 REFERENCES.update(REFERENCES_PART2)
+from engine_reference_part1 import FOLDED_PART1, HOOKED_PART1  # noqa: E402  (issue 11, part 1)
+
+REFERENCES.update({name: _fold_weights for name in FOLDED_PART1}, **HOOKED_PART1)

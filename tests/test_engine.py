@@ -178,7 +178,7 @@ def test_clone_isolation(family, patcher):
 def _lora_style_patch(patcher):
     """A 'diff' weight patch on the first MLP weight inside a block, as a LoRA loader would add."""
     key = next(k for k, w in patcher.model.state_dict().items() if k.startswith("diffusion_model.") and w.ndim == 2
-               and k.endswith(".weight") and any(n in k for n in ("mlp", "ffn", "feed_forward", ".ff.")))
+               and k.endswith(".weight") and any(n in k for n in ("mlp", "ffn", "feed_forward", ".ff.", ".ff_")))
     weight = patcher.model.state_dict()[key]
     delta = torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)) * 0.05
     return key, delta

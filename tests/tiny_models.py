@@ -36,6 +36,8 @@ class TinySpec:
     reference_latents: int = 0        # edit models: how many reference latents (the latent's shape) to condition on
     reference_method: str = ""        # reference_latents_method put in the conditioning ("" = the model's default)
     needs: tuple = ()                 # ("module.Class", "kwarg"): skip on hosts whose class lacks that kwarg
+    extra_conditioning: dict | None = None  # conditioning key → per-row shape of a random tensor the model also reads
+    weight_scale: float = 0.05        # std of the random weights (larger where a stream's effect would drown in fp32)
 
 
 SPECS = {
@@ -95,6 +97,9 @@ SPECS = {
 from tiny_specs_part2 import AV_SPECS_PART2, SPECS_PART2  # noqa: E402  (issue 11, part 2: needs TinySpec above)
 
 SPECS.update(SPECS_PART2)
+from tiny_specs_part1 import SPECS_PART1  # noqa: E402  (issue 11, part 1: needs TinySpec above)
+
+SPECS.update(SPECS_PART1)
 FAMILIES = tuple(SPECS)
 SPECS.update(AV_SPECS_PART2)  # nested (video, audio) latents: tests/test_audio_video.py
 
@@ -125,7 +130,7 @@ def host_unet_config(spec: TinySpec, overrides: dict) -> dict:
 
 
 def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A ComfyUI BaseModel of ``family`` with random weights (randn·0.05, seeded); ``overrides``
+    """A ComfyUI BaseModel of ``family`` with random weights (randn · the spec's weight_scale, seeded); ``overrides``
     replace entries of the family's model kwargs (e.g. ``depth=10``)."""
     import comfy.supported_models as supported
 
@@ -144,7 +149,7 @@ def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, tensor in sorted(model.diffusion_model.state_dict(keep_vars=True).items()):
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * spec.weight_scale)
         if spec.tanh_gates:
             for name, tensor in model.diffusion_model.state_dict(keep_vars=True).items():
                 if "adaLN_modulation" in name:
@@ -182,6 +187,8 @@ def conditioning(family: str, seed: int = 1, batch: int = 1) -> list:
                                          for _ in range(spec.reference_latents)]
     if spec.reference_method:
         options["reference_latents_method"] = spec.reference_method
+    for key, shape in (spec.extra_conditioning or {}).items():
+        options[key] = torch.randn((batch,) + shape, generator=generator)
     return [[torch.randn((batch,) + spec.context, generator=generator), options]]
 
 

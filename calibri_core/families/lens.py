@@ -1,0 +1,21 @@
+"""Microsoft Lens (``comfy.ldm.lens``, ComfyUI >= 0.20): a dual-stream MMDiT with Qwen-Image's modulation layout.
+
+``LensTransformerBlock`` has ``img_mod`` and ``txt_mod`` (SiLU, Linear D→6D) whose chunks are (shift, scale, gate)
+for the joint attention, then for the SwiGLU MLP: gates are chunks 2 and 5, as in Qwen-Image. Only the image tokens
+reach ``norm_out``, so the last block's two text gates are computed and thrown away.
+"""
+
+from .mage_flow import last_block_text
+from .qwen_image import gates, read_counts
+from .table import Family
+
+FAMILY = Family(
+    name="lens",
+    title="Lens",
+    classes=("comfy.ldm.lens.model.LensTransformer2DModel",),
+    read_counts=read_counts,
+    gates=gates,
+    dit_blocks={"double_block": "transformer_blocks"},
+    discarded=last_block_text,
+    clip_type="LENS",
+)

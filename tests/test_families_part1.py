@@ -1,0 +1,79 @@
+"""Issue 11 (part 1): the ensemble tests of tests/test_ensemble.py on the new families' tiny models, and the facts
+the part-1 family tables state about their models.
+
+test_engine.py and test_no_inert_site.py already run on every spec in tiny_models.SPECS (the part-1 specs included);
+test_ensemble.py fixes its family list, so its guider and KSampler ensemble tests are collected here again with this
+module's ``setup`` fixture. Specs whose class a host lacks skip with the reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import tiny_models as tm
+import torch
+from site_checks import SIGMA, gate_calibration
+from test_ensemble import (  # noqa: F401  (collected here with this module's setup)
+    test_guider_batches_members_into_one_forward,
+    test_guider_equals_weighted_sum_of_members,
+    test_ksampler_ensemble_replaces_cond_and_uncond_passes,
+)
+from tiny_specs_part1 import SPECS_PART1
+
+from calibri_core.host import apply_calibration, model_layout
+
+
+@pytest.fixture(scope="module", params=sorted(SPECS_PART1))
+def setup(request):
+    family = request.param
+    patcher = tm.build_patcher(family)
+    _, layout = model_layout(patcher)
+    return family, patcher, layout
+
+
+def _record(module, store: dict, key: str):
+    return module.register_forward_hook(lambda m, args, out: store.__setitem__(key, (args, out)))
+
+
+@pytest.mark.parametrize("spec_name", ["pixart_alpha", "pixart_sigma"])
+def test_pixart_zero_gates_leave_only_ungated_cross_attention(spec_name):
+    """A PixArt block whose two gates are 0 adds exactly its (ungated) cross-attention to its input."""
+    patcher = tm.build_patcher(spec_name)
+    dm = patcher.model.diffusion_model
+    _, layout = model_layout(patcher)
+    scales = [0.0 if g.block == "blocks.1" else 1.0 for g in layout.gates]
+    seen = {}
+    handles = [dm.blocks[1].register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out)),
+               _record(dm.blocks[1].cross_attn, seen, "cross")]
+    try:
+        tm.predict(apply_calibration(patcher, gate_calibration(layout, scales)), tm.latent(spec_name), SIGMA,
+                   tm.conditioning(spec_name))
+    finally:
+        for handle in handles:
+            handle.remove()
+    cross = seen["cross"][1]
+    assert cross.abs().max() > 0, "cross-attention contributes"
+    assert (seen["out"] - (seen["x"] + cross)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("spec_name, family", [
+    ("hunyuan_video", "hunyuan_video"), ("hunyuan_video15", "hunyuan_video15"), ("hunyuan_image21", "hunyuan_image21"),
+    ("kandinsky5", "kandinsky5"), ("kandinsky5_image", "kandinsky5_image"), ("cogvideox", "cogvideox"),
+    ("cogvideox15", "cogvideox15"), ("pixart_alpha", "pixart_alpha"), ("pixart_sigma", "pixart_sigma")])
+def test_models_sharing_a_class_are_told_apart(spec_name, family):
+    """One ComfyUI class, several released models: each is its own family, so a preset never crosses between them."""
+    assert model_layout(tm.build_patcher(spec_name))[0].name == family
+
+
+def test_hunyuan_video15_drops_the_last_double_blocks_text():
+    """Without single-stream blocks the text leaving the last double block is never read: the table declares its two
+    text gates discarded (test_no_inert_site.py checks that exactly the declared ones are inert)."""
+    patcher = tm.build_patcher("hunyuan_video15")
+    family, layout = model_layout(patcher)
+    assert layout.counts["single_blocks"] == 0
+    assert family.discarded(layout.counts) == ("double_blocks.1.txt.attn", "double_blocks.1.txt.mlp")
+    x, positive = tm.latent("hunyuan_video15"), tm.conditioning("hunyuan_video15")
+    base = tm.predict(patcher, x, SIGMA, positive)
+    img_gate = [i for i, g in enumerate(layout.gates) if g.name("gate") == "double_blocks.1.img.attn"]
+    scales = [1.6 if i in img_gate else 1.0 for i in range(len(layout.gates))]
+    moved = tm.predict(apply_calibration(patcher, gate_calibration(layout, scales)), x, SIGMA, positive)
+    assert not torch.equal(moved, base), "the image gate of the same block acts"
