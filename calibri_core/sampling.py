@@ -125,12 +125,13 @@ class EnsembleGuider(comfy.samplers.CFGGuider):
         active_range: outside it every member runs uncalibrated with its weight kept.
         rescale: rescale F per token to the norm of the first positive member's prediction, as
             Qwen-Image's true-CFG pipeline does.
-        low_vram: run the passes one after another instead of in one batch (same result).
+        low_vram: run the passes one after another instead of in one batch (same result); always so for a
+            family that runs one sample per forward (``Family.single_sample_forward``).
     """
 
     def __init__(self, model: Any, calibration: Calibration, active_range: ActiveRange = ActiveRange(),
                  rescale: bool = False, low_vram: bool = False):
-        _, self.layout = model_layout(model)
+        family, self.layout = model_layout(model)
         calibration.check_against(self.layout)
         _refuse_cfg_hooks(model)
         if rescale:
@@ -139,7 +140,7 @@ class EnsembleGuider(comfy.samplers.CFGGuider):
         self.calibration = calibration
         self.active_range = active_range
         self.rescale = rescale
-        self.low_vram = low_vram
+        self.low_vram = low_vram or family.single_sample_forward
         self.patch = token_patch(model)
 
     def set_conds(self, positive, negative) -> None:
@@ -171,7 +172,7 @@ def apply_ensemble(model: Any, calibration: Calibration, active_range: ActiveRan
     """
     import comfy.patcher_extension
 
-    _, layout = model_layout(model)
+    family, layout = model_layout(model)
     calibration.check_against(layout)
     wrappers = comfy.patcher_extension.WrappersMP
     if model.get_wrappers(wrappers.CALC_COND_BATCH, ENSEMBLE_KEY):
@@ -210,7 +211,8 @@ def apply_ensemble(model: Any, calibration: Calibration, active_range: ActiveRan
                 passes.append((cond, [Term(role or "", identity, 1.0)]))
         flat = [(p[0], term) for p in passes if p is not None for term in p[1]]
         x0s = iter(denoise_terms(inner_model, [c for c, _ in flat], _rows([t for _, t in flat]), x, timestep,
-                                 model_options, members=[t.member for _, t in flat], calc=executor)
+                                 model_options, family.single_sample_forward, members=[t.member for _, t in flat],
+                                 calc=executor)
                    if flat else [])
         out = []
         for p in passes:

@@ -90,7 +90,16 @@ def _ltxav_ada_value_hooks(dm, gates: list[Gate], scales: dict[int, float]) -> N
         module.get_ada_values = get_ada_values
 
 
+def _fold_gate_rows(dm, gates: list[Gate], scales: dict[int, float]) -> None:
+    """A gate that is a chunk of a per-block Linear's output: engine_reference's weight folding (imported here, not
+    at the top: engine_reference imports this module at its end)."""
+    from engine_reference import _fold_weights
+
+    _fold_weights(dm, gates, scales)
+
+
 REFERENCES_PART2 = {
+    "minimax_h3": _fold_gate_rows,
     "ltxav": _ltxav_ada_value_hooks,
     "ltxv": _ltxv_timestep_hooks,
     "krea2": chunk_tuple_hooks("mod", {("", "attn"): 2, ("", "mlp"): 5}),  # (pre-/post-) scale, shift, gate

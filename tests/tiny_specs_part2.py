@@ -37,5 +37,13 @@ AV_SPECS_PART2 = {
     "ltxav": TinySpec("LTXAV", _LTXAV_TINY, (128, 2, 4, 4), (5, 64), text_mask=True),
     "ltxav_adaln": TinySpec("LTXAV", dict(_LTXAV_TINY, cross_attention_adaln=True), (128, 2, 4, 4), (5, 64),
                             text_mask=True, family="ltxav"),
+    # rope_inv_freq_len 2: a 12-wide rotary part of the 16-wide heads (3 axes x 2 frequencies x 2)
+    # (hidden 128, time embedding 256: wide enough that every live gate moves the output well above fp32 rounding)
+    "minimax_h3": TinySpec("MiniMaxH3", dict(image_model="minimax_h3", hidden_size=128, num_layers=2,
+                                             token_refiner_num_layers=1, num_attention_heads=8, attention_head_dim=16,
+                                             ffn_hidden_size=256, text_dim=32, timestep_input_dim=32,
+                                             time_embed_hidden_size=256, time_embed_dim=256, rope_inv_freq_len=2),
+                           (24, 2, 8, 8), (5, 32)),
 }
-AUDIO_LATENTS = {"ltxav": (8, 6, 16), "ltxav_adaln": (8, 6, 16)}  # (audio channels, latent frames, frequency bins)
+AUDIO_LATENTS = {  # LTX-2: (audio channels, latent frames, frequency bins); MiniMax H3: (channels, stereo, frames)
+    "ltxav": (8, 6, 16), "ltxav_adaln": (8, 6, 16), "minimax_h3": (32, 2, 6)}

@@ -43,6 +43,8 @@ class Family:
         row_caches: ``transformer_options`` keys of host caches that compute part of the model once, from batch
             row 0 at the first call, and reuse it for every row and step; with one present the engine refuses
             scales that differ between rows or between calls, which the cache would silently drop.
+        single_sample_forward: the model refuses a forward of more than one sample (MiniMax H3 packs its tokens
+            without a batch dimension); ensembles run their members one forward each, as with ``low_vram``.
         cfg: the CFG scale of the reference's "cfg case" (calibri-reference.md, "Ensemble"): N = 2 members, member
             1 on the positive prompt and member 2 on the negative one, ω starting at (cfg, 1 − cfg), which is
             ordinary CFG. None where the reference has no cfg case: one positive member with ω 1, sampled at cfg 1.
@@ -83,6 +85,7 @@ class Family:
     stacked_batch_copies: bool = False
     discarded: Callable[[dict], tuple[str, ...]] = lambda counts: ()
     row_caches: tuple[str, ...] = ()
+    single_sample_forward: bool = False
     cfg: float | None = None
     guidance: float | None = None
     rescale: bool = False
