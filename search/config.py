@@ -6,8 +6,10 @@ table: :data:`PROTOCOL` holds the protocol-wide values with their sources in the
 (v-gen-ai/Calibri), :data:`FAMILY_DEFAULTS` names the family-table fields (``calibri_core.families``: ``cfg``,
 ``guidance``, ``search_cfg``, ``search_granularity``, ``search_population``, ``search_micro_batch``) that hold the
 per-family ones. Each deliberate deviation from the reference is a named option (``output.final``, ``[[rewards]]``
-hpsv3 ``jpeg_quality``, ``search.generations``, ``search.fixed_noise``). Not done yet: the reference samples with
-diffusers' resolution-dependent shift; the search samples with ComfyUI's scheduler (``sampling.scheduler``).
+hpsv3 ``jpeg_quality``, ``search.generations``, ``search.fixed_noise``, ``sampling.schedule``). The reference samples
+with diffusers' resolution-dependent shift; the search samples on the same shift through ComfyUI's own
+``ModelSamplingFlux`` node at the image size (``search.schedule``), and for families the reference never ran, on the
+schedule of the family's ComfyUI workflow template.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from calibri_core.families import FAMILIES, get_family
 from calibri_core.files import write_bytes_atomic
 from calibri_core.sites import GRANULARITIES
 
+from .schedule import SCHEDULES
+
 # Keys that may differ on --resume: how long to run and where, not what is searched.
-RESUMABLE_CHANGES = ("search.generations", "search.budget_hours", "output.run_dir")
+RESUMABLE_CHANGES = ("search.generations", "search.budget_hours", "output.run_dir", "output.overwrite")
 EVALUATOR_DEFAULT = "comfy"
 
 _MISSING = object()
@@ -51,6 +55,9 @@ PROTOCOL: dict[str, tuple[Any, str]] = {
     "sampling.steps": (15, "configs/"),
     "sampling.width": (512, "configs/"),
     "sampling.height": (512, "configs/"),
+    "sampling.schedule": ("workflow", "src/models/*_sg.py: diffusers pipelines with their schedulers' resolution-"
+                          "dependent (dynamic) shift (FLUX.1, Qwen-Image), as ComfyUI's ModelSamplingFlux at the image "
+                          "size sets it; other families: their ComfyUI template's sampling node"),
     "sampling.micro_batch": (4, "configs/ (a memory knob; not an option here, see model.options batch_size)"),
     "output.final": ("best-train", "src/optim/cmaes.py: the best training candidate is the solution"),
     "rewards.name": ("hpsv3", "configs/ cmaes_hpsv3_*; src/metrics/rewards.py"),
@@ -62,8 +69,10 @@ FAMILY_DEFAULTS: dict[str, tuple[str, str]] = {
                                                  "src/models/*_sg.py (SD3.5, Qwen-Image: gates only)"),
     "search.popsize": ("search_population", "configs/ (Qwen-Image config)"),
     "search.cfg_start": ("search_cfg", "src/models/*_sg.py: cfg_scale = 7.0, never overridden in training"),
-    "sampling.cfg": ("cfg", "configs/ (SD3.5 cfg 7, Qwen-Image guidance_scale 4)"),
-    "sampling.guidance": ("guidance", "configs/ (FLUX guidance 3.5)"),
+    "sampling.cfg": ("cfg", "configs/ (SD3.5 cfg 7, Qwen-Image guidance_scale 4); the other families: their ComfyUI "
+                            "workflow template, named in the family table"),
+    "sampling.guidance": ("guidance", "configs/ (FLUX guidance 3.5); FLUX.2, LongCat: FluxGuidance of their ComfyUI "
+                                      "template"),
     "sampling.micro_batch": ("search_micro_batch", "configs/ (Qwen-Image config)"),
 }
 FINALS = ("best-train", "best-validation")
@@ -146,6 +155,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...], str]]] = {
     "sampling": {
         "sampler": ("euler", (str,), "ComfyUI sampler name"),
         "scheduler": ("simple", (str,), "ComfyUI scheduler name"),
+        "schedule": (_ref("sampling.schedule"), (str,), "'workflow': sample on the schedule a ComfyUI workflow of the "
+                     "family uses at this image size, set by that ComfyUI node (FLUX.1 and Qwen-Image: "
+                     "ModelSamplingFlux with their diffusers dynamic shift; FLUX.2: Flux2Scheduler; Chroma, "
+                     "Lumina2, Z-Image, Ovis: ModelSamplingAuraFlow; Wan: ModelSamplingSD3; others: the model's own); "
+                     "'model': the model's own model_sampling (no node). Recorded in the preset's provenance "
+                     f"{_src('sampling.schedule')}"),
         "steps": (_ref("sampling.steps"), (int,), f"sampling steps {_src('sampling.steps')}"),
         "cfg": (None, (float, int), f"CFG scale; default {_family_src('sampling.cfg')}, else 1"),
         "guidance": (None, (float, int), f"distilled guidance (FLUX); default {_family_src('sampling.guidance')}, "
@@ -375,6 +390,9 @@ def validate(data: dict, base_dir: str, check_files: bool = True) -> RunConfig:
         smp["guidance"] = reference_default("sampling.guidance", family)
     if s["cfg_start"] is not None:
         s["cfg_start"] = float(s["cfg_start"])
+    if smp["schedule"] not in SCHEDULES:
+        raise ConfigError(f"Calibri: sampling.schedule must be one of {', '.join(repr(v) for v in SCHEDULES)}; got "
+                          f"{smp['schedule']!r}.{_near(smp['schedule'], SCHEDULES)}")
     if o["final"] not in FINALS:
         raise ConfigError(f"Calibri: output.final must be one of {', '.join(repr(f) for f in FINALS)}; got "
                           f"{o['final']!r}.{_near(o['final'], FINALS)}")

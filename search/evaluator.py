@@ -17,6 +17,7 @@ samplers draw extra noise for the whole packed batch, so their images depend on 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ from calibri_core.ensemble import Term, combine_x0, plan_terms, rescale_referenc
 from calibri_core.host import apply_row_scales, model_layout, token_patch
 
 from .models import ModelBundle, free_encoder, load_bundle
+from .schedule import SamplingSchedule
 
 log = logging.getLogger("calibri")
 
@@ -56,6 +58,30 @@ def parse_bytes(value: Any) -> Optional[int]:
         raise ValueError(f"Calibri: max_memory {value!r} is not a size; write bytes or e.g. '20GB', '18GiB'.")
     number, unit = match.group(1), match.group(2) or ""
     return int(float(number) * _UNITS[unit])
+
+
+def _none_extras(path: Path) -> list[str]:
+    """Extras an encoding cached in ``path`` had as None (safetensors holds tensors only; the names are metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("none_extras", "[]"))
+
+
+def _host_passes_attention_mask(model: Any) -> bool:
+    """Whether this host's BaseModel hands a conditioning's ``attention_mask`` to the diffusion model: ComfyUI 0.33's
+    QwenImage does, 0.3.75's drops it (padding would then be attended to, so texts of other lengths stay apart)."""
+    try:
+        mask = torch.ones(1, 1, dtype=torch.long)
+        out = model.model.extra_conds(cross_attn=torch.zeros(1, 1, 1), attention_mask=mask)
+    except Exception:  # a model whose extra_conds needs more than a text: no padding, never a wrong forward
+        return False
+    return "attention_mask" in out
+
+
+def _token_mask(cond: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """[1, T] long, 1 for a token the model attends to (the text encoder's own mask where it gave one)."""
+    return torch.ones(1, cond.shape[1], dtype=torch.long) if mask is None else mask.long()
 
 
 def _row_source(options: dict, batch: int) -> Optional[torch.Tensor]:
@@ -174,16 +200,19 @@ class Evaluator:
         max_memory: cap on peak memory (bytes or ``"20GB"``): CUDA allocated memory, or CPU process RSS.
         cache_dir: folder of cached prompt encodings.
         rescale: Qwen-Image's norm rescale of the combined prediction (default: the family table's ``rescale``).
+        schedule: ``"workflow"`` (the family's ComfyUI sampling node at this image size) or ``"model"`` (the
+            model's own model_sampling); see ``search.schedule``.
     """
 
     def __init__(self, bundle: ModelBundle, rewards: Any, *, steps: int = 15, sampler: str = "euler",
                  scheduler: str = "simple", width: int = 512, height: int = 512, latent_shape: Optional[tuple] = None,
                  guidance: Optional[float] = None, cfg: Optional[float] = None, negative_prompt: str = "",
                  batch_size: Any = "auto", max_memory: Any = None, cache_dir: Any = None,
-                 rescale: Optional[bool] = None, device: Any = None):
+                 rescale: Optional[bool] = None, device: Any = None, schedule: str = "workflow"):
         self.bundle = bundle
-        self.model = bundle.model
-        self.family_info, self.layout = model_layout(self.model)
+        self.family_info, self.layout = model_layout(bundle.model)
+        self.schedule = SamplingSchedule(bundle.model, self.family_info, schedule, width, height)
+        self.model = self.schedule.model
         self.family = self.family_info.name
         self.rewards = rewards
         self.steps, self.sampler_name, self.scheduler = int(steps), sampler, scheduler
@@ -197,7 +226,8 @@ class Evaluator:
         self.max_memory = parse_bytes(max_memory)
         self.device = torch.device(device) if device not in (None, "auto") else self.model.load_device
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.model_info = {"name": bundle.name, "sha256": bundle.sha256, "family": self.family, **bundle.files}
+        self.model_info = {"name": bundle.name, "sha256": bundle.sha256, "family": self.family, **bundle.files,
+                           "schedule": self.schedule.record(self.scheduler, self.steps)}
         latent_format = self.model.get_model_object("latent_format")
         if latent_shape is None:
             down = int(getattr(latent_format, "spacial_downscale_ratio", 8))
@@ -207,7 +237,12 @@ class Evaluator:
             depth = (1,) if getattr(latent_format, "latent_dimensions", 2) == 3 else ()
             latent_shape = (latent_format.latent_channels,) + depth + spatial
         self.latent_shape = tuple(int(s) for s in latent_shape)
+        if len(self.latent_shape) == 4 and self.latent_shape[1] != 1:
+            raise ValueError(f"Calibri: latent_shape {list(self.latent_shape)} has {self.latent_shape[1]} frames, but "
+                             "the search scores one image per sample with image rewards; use a one-frame latent "
+                             f"(e.g. {[self.latent_shape[0], 1, *self.latent_shape[2:]]}).")
         self.patched = apply_row_scales(self.model, _row_source)
+        self.pad_text = self.family_info.text_padding and _host_passes_attention_mask(self.model)
         self.patch_size = token_patch(self.model)
         self._encoder: Any = None
         self._decoder: Any = None
@@ -225,8 +260,8 @@ class Evaluator:
         """Build from a ``search.config.RunConfig`` (or the same sections as nested dicts).
 
         Reads [model] checkpoint / diffusion_model / text_encoders / vae, [model.options] dtype, clip_type,
-        max_memory, batch_size, device, cache_dir, rescale; [sampling] steps, sampler, scheduler, width, height,
-        cfg, guidance, negative_prompt; [[rewards]]; [output] run_dir (prompt cache in ``run_dir/prompt_cache``
+        max_memory, batch_size, device, cache_dir, rescale; [sampling] steps, sampler, scheduler, schedule, width,
+        height, cfg, guidance, negative_prompt; [[rewards]]; [output] run_dir (prompt cache in ``run_dir/prompt_cache``
         unless ``cache_dir`` is given). ``bundle`` replaces the files (tests, benchmarks).
         """
         from .rewards import build_rewards
@@ -261,7 +296,8 @@ class Evaluator:
                    cfg=_get(config, "sampling", "cfg"),
                    negative_prompt=_get(config, "sampling", "negative_prompt", ""),
                    batch_size=options.get("batch_size", "auto"), max_memory=options.get("max_memory"),
-                   cache_dir=cache_dir, rescale=options.get("rescale"), device=options.get("device"))
+                   cache_dir=cache_dir, rescale=options.get("rescale"), device=options.get("device"),
+                   schedule=_get(config, "sampling", "schedule", "workflow"))
 
     # ------------------------------------------------------------------ calibrations
 
@@ -317,7 +353,9 @@ class Evaluator:
             if path is not None and path.is_file():
                 tensors = load_file(str(path))
                 cond = tensors.pop("cond")
-                self._encodings[prompt] = (cond, {k[len("extra."):]: v for k, v in tensors.items()})
+                extras = {k[len("extra."):]: v for k, v in tensors.items()}
+                extras.update(dict.fromkeys(_none_extras(path)))
+                self._encodings[prompt] = (cond, extras)
             else:
                 todo.append(prompt)
         if todo:
@@ -326,14 +364,16 @@ class Evaluator:
                 cond, extras = encoder.encode(prompt)
                 self.encoder_calls += 1
                 cond = cond.detach().cpu().contiguous()
-                extras = {k: v.detach().cpu().contiguous() for k, v in extras.items()}
+                extras = {k: None if v is None else v.detach().cpu().contiguous() for k, v in extras.items()}
                 self._encodings[prompt] = (cond, extras)
                 path = self._cache_file(identity, prompt)
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                    save_file({"cond": cond, **{f"extra.{k}": v for k, v in extras.items()}}, str(tmp),
-                              metadata={"prompt": prompt, "encoder": identity})
+                    tensors = {f"extra.{k}": v for k, v in extras.items() if v is not None}
+                    none = json.dumps(sorted(k for k, v in extras.items() if v is None))
+                    save_file({"cond": cond, **tensors}, str(tmp),
+                              metadata={"prompt": prompt, "encoder": identity, "none_extras": none})
                     os.replace(tmp, path)
             if free:
                 self.free_encoder()
@@ -381,23 +421,45 @@ class Evaluator:
         reference = rescale_reference(candidate, self.layout, True, terms) if self.rescale else None
         return terms, reference
 
+    def _signature(self, cond: torch.Tensor, extras: dict) -> tuple:
+        """Passes with equal signatures share a forward: equal shapes, or (text padding) equal but for the length."""
+        def shape(name: str, value: Any) -> Any:
+            if value is None:
+                return None
+            return "mask" if self.pad_text and name == "attention_mask" else tuple(value.shape)
+
+        text = tuple(cond.shape[2:]) if self.pad_text else tuple(cond.shape)
+        return text, tuple(sorted((n, shape(n, v)) for n, v in extras.items()))
+
+    def _conditioning(self, texts: list[str]) -> tuple[torch.Tensor, dict]:
+        """The batched conditioning of ``texts``; texts of other lengths zero-padded and masked (``pad_text``)."""
+        conds = [self._encodings[t][0] for t in texts]
+        extras = [self._encodings[t][1] for t in texts]
+        options = {name: None if value is None else torch.cat([e[name] for e in extras])
+                   for name, value in extras[0].items()}
+        length = max(c.shape[1] for c in conds)
+        if any(c.shape[1] != length for c in conds):
+            masks = [torch.nn.functional.pad(_token_mask(c, e.get("attention_mask")), (0, length - c.shape[1]))
+                     for c, e in zip(conds, extras)]
+            conds = [torch.nn.functional.pad(c, (0, 0, 0, length - c.shape[1])) for c in conds]
+            options["attention_mask"] = torch.cat(masks)
+        return torch.cat(conds), options
+
     def _groups(self, pack: list[tuple[int, int]], plans: list, prompts: Sequence[str]) -> list[_Group]:
         by_shape: dict[tuple, list] = {}
         for j, (k, p) in enumerate(pack):
             terms, reference = plans[k]
             for i, term in enumerate(terms):
                 text = prompts[p] if term.prompt == "positive" else self.negative_prompt
-                cond, extras = self._encodings[text]
-                signature = (tuple(cond.shape), tuple(sorted((n, tuple(v.shape)) for n, v in extras.items())))
+                signature = self._signature(*self._encodings[text])
                 by_shape.setdefault(signature, []).append((j, text, term, i == reference))
+        self.stats["forwards_per_step"] = max(self.stats.get("forwards_per_step", 0), len(by_shape))
         groups = []
         for index, passes in enumerate(by_shape.values()):
-            texts = [text for _, text, _, _ in passes]
-            options = {name: torch.cat([self._encodings[t][1][name] for t in texts])
-                       for name in self._encodings[texts[0]][1]}
+            cond, options = self._conditioning([text for _, text, _, _ in passes])
             if self.guidance is not None:
                 options["guidance"] = float(self.guidance)
-            conditioning = [[torch.cat([self._encodings[t][0] for t in texts]), options]]
+            conditioning = [[cond, options]]
             groups.append(_Group(
                 key=f"calibri{index}", pairs=torch.tensor([j for j, *_ in passes], dtype=torch.long),
                 rows=torch.tensor([term.row for _, _, term, _ in passes], dtype=torch.float32),
@@ -424,8 +486,7 @@ class Evaluator:
         groups = self._groups(pack, plans, prompts)
         guider = _PackGuider.make(self.patched, groups, self.patch_size if self.rescale else None)
         pair_noise = noise[torch.tensor([p for _, p in pack])]
-        sigmas = comfy.samplers.calculate_sigmas(self.model.get_model_object("model_sampling"), self.scheduler,
-                                                 self.steps)
+        sigmas = self.schedule.sigmas(self.scheduler, self.steps)
         sampler = comfy.samplers.sampler_object(self.sampler_name)
         with torch.no_grad():
             return guider.sample(pair_noise, torch.zeros_like(pair_noise), sampler, sigmas, seed=seed,

@@ -28,7 +28,11 @@ log = logging.getLogger("calibri")
 
 
 class TextEncoder(Protocol):
-    """prompt → (cross-attention tensor [1, T, D], extra tensors such as ``pooled_output`` [1, ...])."""
+    """prompt → (cross-attention tensor [1, T, D], extras such as ``pooled_output`` [1, ...]).
+
+    An extra may be None, as CLIPTextEncode's ``pooled_output`` is for a T5-only encoder (Chroma): ComfyUI passes
+    the key to the model's ``extra_conds``, and some models (ComfyUI 0.3.75's Flux-based Chroma) read it.
+    """
 
     identity: str  # changes whenever the encoder's outputs would (file hashes); part of the cache key
 
@@ -45,8 +49,8 @@ class ComfyTextEncoder:
     def encode(self, prompt: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         tokens = self.clip.tokenize(prompt)
         cond, extras = self.clip.encode_from_tokens_scheduled(tokens, show_pbar=False)[0]
-        tensors = {k: v for k, v in extras.items() if isinstance(v, torch.Tensor)}
-        dropped = sorted(k for k, v in extras.items() if not isinstance(v, torch.Tensor) and v is not None)
+        tensors = {k: v for k, v in extras.items() if isinstance(v, torch.Tensor) or v is None}
+        dropped = sorted(k for k, v in extras.items() if k not in tensors)
         if dropped:
             log.warning("Calibri: text encoder outputs %s are not tensors and are not cached.", dropped)
         return cond, tensors
@@ -73,7 +77,8 @@ class HashTextEncoder:
             m = torch.randn(self.work, self.work, generator=generator) / self.work ** 0.5
             for _ in range(8):
                 m = torch.tanh(m @ m)
-        extras = {"pooled_output": torch.randn(1, self.pooled, generator=generator)} if self.pooled else {}
+        # CLIPTextEncode always gives a pooled_output, None where the encoder has none.
+        extras = {"pooled_output": torch.randn(1, self.pooled, generator=generator) if self.pooled else None}
         return cond, extras
 
 

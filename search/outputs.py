@@ -52,6 +52,8 @@ def provenance(config, model_info: dict, selection: str, statistics: dict) -> di
                                                            ("vae", m["vae"])) if v}}
     if m["text_encoders"]:
         model["files"]["text_encoders"] = [os.path.basename(t) for t in m["text_encoders"]]
+    model_info = dict(model_info)
+    schedule = model_info.pop("schedule", None)  # the evaluator's resolved sampling schedule (search.schedule)
     for k, v in model_info.items():  # e.g. sha256; local paths are reduced to file names
         if k in model or v is None:
             continue
@@ -70,7 +72,7 @@ def provenance(config, model_info: dict, selection: str, statistics: dict) -> di
         "model": model,
         "rewards": config.rewards,
         "steps": smp["steps"], "cfg": smp["cfg"], "guidance": smp["guidance"],
-        "sampler": smp["sampler"], "scheduler": smp["scheduler"],
+        "sampler": smp["sampler"], "scheduler": smp["scheduler"], "schedule": schedule,
         "resolution": [smp["width"], smp["height"]],
         "negative_prompt": smp["negative_prompt"],
         "search": {

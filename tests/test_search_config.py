@@ -49,6 +49,15 @@ ISSUE_9_FAMILIES = {  # family -> {config key: value}
     "qwen_image": {"search.granularity": "gate", "search.popsize": 24, "search.cfg_start": 7.0, "sampling.cfg": 4.0,
                    "sampling.micro_batch": 1},
 }
+# Item 7: families the reference never ran take cfg (and guidance) from their ComfyUI workflow template.
+TEMPLATE_FAMILIES = {
+    "chroma": {"sampling.cfg": 3.5},  # image_chroma_text_to_image.json
+    "lumina2": {"sampling.cfg": 4.0},  # image_netayume_lumina_t2i.json
+    "wan": {"sampling.cfg": 6.0},  # text_to_video_wan.json
+    "flux2": {"sampling.guidance": 4.0},  # image_flux2.json
+    "longcat_image": {"sampling.cfg": 4.0, "sampling.guidance": 4.0},  # image_longcat_text_to_image.json
+    "ovis_image": {"sampling.cfg": 5.0},  # image_ovis_text_to_image.json
+}
 
 
 def test_reference_table_holds_issue_9_values():
@@ -57,12 +66,12 @@ def test_reference_table_holds_issue_9_values():
 
     for key, value in ISSUE_9.items():
         assert reference_default(key) == value, key
-    for family, values in ISSUE_9_FAMILIES.items():
+    for family, values in {**ISSUE_9_FAMILIES, **TEMPLATE_FAMILIES}.items():
         for key, value in values.items():
             assert reference_default(key, get_family(family)) == value, (family, key)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "qwen_image", "flux2", "wan"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwen_image", "flux2", "wan", "chroma", "lumina2", "z_image"])
 def test_every_default_is_the_reference_tables(tmp_path, family):
     """Every default a config without settings gets is the reference table's (PROTOCOL / the family table)."""
     from calibri_core.families import get_family
@@ -91,8 +100,8 @@ def test_every_default_is_the_reference_tables(tmp_path, family):
     hps = {"name": reference_default("rewards.name"), "weight": 1.0,
            "jpeg_quality": reference_default("rewards.hpsv3.jpeg_quality")}
     assert config.rewards == [hps]
-    if fam.search_cfg is not None:
-        c = reference_default("search.cfg_start", fam)
+    if fam.cfg is not None:  # the cfg case: ω starts at (c, 1 - c), c = search_cfg or the sampling cfg
+        c = fam.search_cfg if fam.search_cfg is not None else fam.cfg
         assert config.members == [{"prompt": "positive", "weight": c}, {"prompt": "negative", "weight": 1.0 - c}]
     else:
         assert config.members == [{"prompt": "positive", "weight": 1.0}]

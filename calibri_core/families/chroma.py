@@ -5,7 +5,7 @@ blocks that have no modulation of their own; as for Flux.2, each block's branch 
 """
 
 from .flux2 import branch_gates, read_counts
-from .table import Family
+from .table import Family, fixed_shift
 
 FAMILY = Family(
     name="chroma",
@@ -15,4 +15,6 @@ FAMILY = Family(
     gates=branch_gates,
     dit_blocks={"double_block": "double_blocks", "single_block": "single_blocks"},
     clip_type="CHROMA",
+    cfg=3.5,  # ComfyUI's template image_chroma_text_to_image.json: CFGGuider 3.5, ModelSamplingAuraFlow 1
+    schedule=fixed_shift("ModelSamplingAuraFlow", 1.0, "image_chroma_text_to_image.json"),
 )

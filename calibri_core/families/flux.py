@@ -11,7 +11,7 @@ them. ComfyUI tells them apart by their params alone (comfy/model_detection.py),
 """
 
 from ..sites import Gate
-from .table import Family, KnownModel, stream_gates
+from .table import Family, KnownModel, dynamic_shift, fixed_shift, stream_gates
 
 DOUBLE_BRANCHES = {"attn": ("{stream}_mod.lin", 2, 6), "mlp": ("{stream}_mod.lin", 5, 6)}
 STREAMS = {"img": "img", "txt": "txt"}
@@ -57,13 +57,19 @@ FAMILY = Family(
     gates=gates,
     dit_blocks=_DIT_BLOCKS,
     guidance=3.5,
+    # The reference samples with diffusers' FluxPipeline: FLUX.1-dev's scheduler config has use_dynamic_shifting,
+    # base_shift 0.5 / max_shift 1.15 over 256..4096 image tokens (ComfyUI's ModelSamplingFlux defaults too).
+    schedule=dynamic_shift(0.5, 1.15, 256, 4096, "FLUX.1-dev scheduler_config.json (diffusers FluxPipeline)"),
     search_granularity="layer",  # the reference README's quick start: configs/cmaes_hpsv3_flux_layer
     clip_type="FLUX",
     models={"flux1-dev": KnownModel("FLUX.1-dev", {"double_blocks": 19, "single_blocks": 38})},
 )
 LONGCAT_IMAGE = Family(name="longcat_image", title="LongCat-Image", classes=_CLASSES,
                        accepts=lambda dm: _per_block_modulation(dm) and _is_longcat(dm),
-                       read_counts=read_counts, gates=gates, dit_blocks=_DIT_BLOCKS, clip_type="LONGCAT_IMAGE")
+                       read_counts=read_counts, gates=gates, dit_blocks=_DIT_BLOCKS, clip_type="LONGCAT_IMAGE",
+                       cfg=4.0, guidance=4.0)  # image_longcat_text_to_image.json: KSampler cfg 4, FluxGuidance 4
 OVIS_IMAGE = Family(name="ovis_image", title="Ovis-Image", classes=_CLASSES,
                     accepts=lambda dm: _per_block_modulation(dm) and _is_ovis(dm),
-                    read_counts=read_counts, gates=gates, dit_blocks=_DIT_BLOCKS, clip_type="OVIS")
+                    read_counts=read_counts, gates=gates, dit_blocks=_DIT_BLOCKS, clip_type="OVIS",
+                    cfg=5.0,  # image_ovis_text_to_image.json: KSampler cfg 5, ModelSamplingAuraFlow 3
+                    schedule=fixed_shift("ModelSamplingAuraFlow", 3.0, "image_ovis_text_to_image.json"))

@@ -7,7 +7,7 @@ gate scaled by s where it meets its branch. Chroma has the same blocks and reuse
 
 from ..sites import Gate
 from .flux import STREAMS, read_counts
-from .table import Family, stream_gates
+from .table import Family, Schedule, stream_gates
 
 DOUBLE_BRANCHES = {"attn": ("{stream}_attn.proj", 0, 1), "mlp": ("{stream}_mlp", 0, 1)}
 
@@ -29,4 +29,6 @@ FAMILY = Family(
     gates=branch_gates,
     dit_blocks={"double_block": "double_blocks", "single_block": "single_blocks"},
     clip_type="FLUX",
+    guidance=4.0,  # ComfyUI's template image_flux2.json (FLUX.2 dev): FluxGuidance 4, Flux2Scheduler at the image size
+    schedule=Schedule("comfy_extras.nodes_flux:Flux2Scheduler", {}, resolution=True, source="image_flux2.json"),
 )

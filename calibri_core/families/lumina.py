@@ -13,7 +13,7 @@ Both are verified in tests/test_lumina_variants.py.
 """
 
 from ..sites import Gate
-from .table import Family
+from .table import Family, fixed_shift
 
 BRANCHES = {"attn": "attention_norm2", "mlp": "ffn_norm2"}
 
@@ -37,7 +37,12 @@ _UNGATED = "context_refiner (and siglip_refiner) blocks have no gates (modulatio
 _CLASSES = ("comfy.ldm.lumina.model.NextDiT",)
 
 Z_IMAGE = Family(name="z_image", title="Z-Image", classes=_CLASSES + ("comfy.ldm.lumina.model.NextDiTPixelSpace",),
-                 accepts=_is_z_image, read_counts=read_counts, gates=gates, ungated=_UNGATED, clip_type="LUMINA2")
+                 accepts=_is_z_image, read_counts=read_counts, gates=gates, ungated=_UNGATED, clip_type="LUMINA2",
+                 # image_z_image_turbo.json: KSampler cfg 1 (no cfg case; the base model's image_z_image.json uses
+                 # cfg 4: set sampling.cfg = 4 there), ModelSamplingAuraFlow 3 in both
+                 schedule=fixed_shift("ModelSamplingAuraFlow", 3.0, "image_z_image_turbo.json"))
 LUMINA2 = Family(name="lumina2", title="Lumina-Image-2.0", classes=_CLASSES,
                  accepts=lambda dm: not _is_z_image(dm), read_counts=read_counts, gates=gates, ungated=_UNGATED,
-                 clip_type="LUMINA2")
+                 clip_type="LUMINA2",
+                 cfg=4.0,  # image_netayume_lumina_t2i.json (a Lumina-Image-2.0 model): cfg 4, ModelSamplingAuraFlow 4
+                 schedule=fixed_shift("ModelSamplingAuraFlow", 4.0, "image_netayume_lumina_t2i.json"))

@@ -14,7 +14,7 @@ have them.
 """
 
 from ..sites import Gate
-from .table import Family, KnownModel, stream_gates
+from .table import Family, KnownModel, dynamic_shift, stream_gates
 
 BRANCHES = {"attn": ("{stream}_mod.1", 2, 6), "mlp": ("{stream}_mod.1", 5, 6)}
 STREAMS = {"img": "img", "txt": "txt"}
@@ -45,6 +45,12 @@ FAMILY = Family(
     search_population=24,  # the reference's Qwen-Image config (configs/)
     search_micro_batch=1,  # the reference's Qwen-Image config (configs/)
     rescale=True,
+    # Its joint attention masks text keys by attention_mask, and text RoPE positions start after the image's.
+    text_padding=True,
+    # The reference samples with diffusers' QwenImagePipeline: Qwen-Image's scheduler config has
+    # use_dynamic_shifting, base_shift 0.5 / max_shift 0.9 over 256..8192 image tokens, exponential time shift (its
+    # shift_terminal 0.02 stretch of the last sigmas has no ComfyUI node and is not reproduced).
+    schedule=dynamic_shift(0.5, 0.9, 256, 8192, "Qwen-Image scheduler_config.json (diffusers QwenImagePipeline)"),
     clip_type="QWEN_IMAGE",
     models={"qwen-image": KnownModel("Qwen-Image", {"transformer_blocks": 60})},
 )

@@ -22,6 +22,51 @@ class KnownModel:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """The sampling schedule a ComfyUI workflow of a family uses, named as the ComfyUI node that sets it.
+
+    Args:
+        node: ``module:Class`` of a ComfyUI node: a model patch (``ModelSamplingFlux``, ``ModelSamplingAuraFlow``,
+            ``ModelSamplingSD3``: it returns a MODEL whose ``model_sampling`` the scheduler reads) or a sigmas node
+            (``Flux2Scheduler``: it returns the SIGMAS to sample with).
+        inputs: the node's inputs other than the model, the image size and the steps.
+        resolution: the node also takes ``width`` and ``height`` (a resolution-dependent shift).
+        source: where the values come from (a ComfyUI template, a reference pipeline's scheduler config).
+    """
+
+    node: str
+    inputs: dict
+    resolution: bool = False
+    source: str = ""
+
+    @property
+    def node_name(self) -> str:
+        return self.node.rsplit(":", 1)[1]
+
+
+_SAMPLING_NODES = "comfy_extras.nodes_model_advanced"
+FLUX_SHIFT_NODE = f"{_SAMPLING_NODES}:ModelSamplingFlux"
+_FLUX_NODE_TOKENS = (256, 4096)  # the image-token line ModelSamplingFlux interpolates mu along
+
+
+def dynamic_shift(base_shift: float, max_shift: float, base_tokens: int, max_tokens: int, source: str) -> Schedule:
+    """A diffusers scheduler's resolution-dependent shift (``use_dynamic_shifting``, exponential time shift) as
+    ComfyUI's ``ModelSamplingFlux``: both set mu linear in the image-token count and shift t as
+    e^mu / (e^mu + 1/t − 1); the node's line runs over 256..4096 tokens, so another token range is re-expressed
+    as the node's ``max_shift`` (the same line, evaluated at 4096 tokens)."""
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    low, high = _FLUX_NODE_TOKENS
+    node_base = base_shift + slope * (low - base_tokens)
+    return Schedule(FLUX_SHIFT_NODE, {"base_shift": node_base, "max_shift": node_base + slope * (high - low)},
+                    resolution=True, source=source)
+
+
+def fixed_shift(node: str, shift: float, source: str) -> Schedule:
+    """One of ComfyUI's fixed-shift model-sampling nodes (``ModelSamplingAuraFlow``, ``ModelSamplingSD3``)."""
+    return Schedule(f"{_SAMPLING_NODES}:{node}", {"shift": float(shift)}, source=source)
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family's table.
 
@@ -48,11 +93,13 @@ class Family:
         cfg: the CFG scale of the reference's "cfg case" (calibri-reference.md, "Ensemble"): N = 2 members, member
             1 on the positive prompt and member 2 on the negative one, ω starting at (cfg, 1 − cfg), which is
             ordinary CFG. None where the reference has no cfg case: one positive member with ω 1, sampled at cfg 1.
-            The values are the reference's training settings (calibri-reference.md, "Search protocol"); the search
+            Where the reference ran the family, its training settings (calibri-reference.md, "Search protocol");
+            elsewhere the cfg of the family's ComfyUI workflow template (named beside each value). The search
             samples with them and starts from them when the run config gives no cfg / members. (Qwen-Image's is its
             configured guidance_scale, while the reference's search starts ω from cfg_scale 7: issue 9.)
         guidance: the distilled guidance passed with the conditioning when the run config gives none: the
-            reference's training setting for FLUX.1 (calibri-reference.md, "Search protocol"); None for none.
+            reference's training setting for FLUX.1 (calibri-reference.md, "Search protocol"), elsewhere the
+            FluxGuidance of the family's ComfyUI template; None for none.
         rescale: the reference's pipeline rescales the combined prediction to the norm of the positive member's
             prediction (calibri-reference.md, "Ensemble": Qwen-Image, as its own true CFG does); the search's default.
         clip_type: the ``comfy.sd.CLIPType`` member ``load_clip`` reads this family's text-encoder files with
@@ -72,6 +119,15 @@ class Family:
             ``configs/`` Qwen config); None = pycma's default 4 + ⌊3 ln n⌋ (``src/optim/cmaes.py``).
         search_micro_batch: the reference config's micro-batch (Qwen-Image: 1); None = the protocol-wide 4. A memory
             knob only: the search's forward batch is ``[model.options] batch_size`` (see ``search.config``).
+        text_padding: the model masks padded text tokens given ``attention_mask`` (1 = token, 0 = padding) and
+            places the real tokens the same whatever the padding (RoPE positions do not depend on the text length), so
+            conditionings of different lengths can share one forward, zero-padded and masked, with the outputs of
+            the unpadded forwards (to fp32 rounding). Used by the search where the host passes ``attention_mask`` to
+            the model (``search.evaluator``); False keeps one forward per text length.
+        schedule: the sampling schedule the search uses (``sampling.schedule = "workflow"``): the reference's
+            diffusers schedule where the reference ran the family (FLUX.1, Qwen-Image: their dynamic shift at the
+            image size), else the one in the family's ComfyUI workflow template; None = the model's own
+            ``model_sampling`` (what a workflow without a sampling node gets).
     """
 
     name: str
@@ -95,6 +151,8 @@ class Family:
     search_granularity: str | None = None
     search_population: int | None = None
     search_micro_batch: int | None = None
+    text_padding: bool = False
+    schedule: Schedule | None = None
 
     def layout(self, counts: dict) -> SiteLayout:
         check_counts(counts)  # bounded before anything proportional to the counts is built

@@ -15,7 +15,7 @@ refuses any other subclass of WanModel by name.
 """
 
 from ..sites import Gate
-from .table import Family
+from .table import Family, fixed_shift
 
 BRANCHES = {"attn": "self_attn.o", "mlp": "ffn"}
 
@@ -54,4 +54,6 @@ FAMILY = Family(
     dit_blocks={"double_block": "blocks"},
     ungated="cross-attention is added without a gate and is never scaled",
     clip_type="WAN",
+    cfg=6.0,  # ComfyUI's template text_to_video_wan.json (Wan 2.1 T2V 1.3B): KSampler cfg 6, ModelSamplingSD3 8
+    schedule=fixed_shift("ModelSamplingSD3", 8.0, "text_to_video_wan.json"),
 )
