@@ -85,10 +85,11 @@ def preset_filename(filename: str) -> str:
     name = filename.strip() if isinstance(filename, str) else ""
     if name.endswith(_SUFFIX):
         name = name[:-len(_SUFFIX)]
-    if not name or name.startswith(".") or "/" in name or "\\" in name or ".." in name or _BAD_CHARS.search(name):
+    if (not name or name.startswith(".") or "/" in name or "\\" in name or ".." in name or _BAD_CHARS.search(name)
+            or not name.isprintable()):  # control characters, lone surrogates (no UTF-8 name on disk)
         raise ValueError(f"Calibri: {filename!r} is not a valid preset name. Give a plain file name such as "
-                         f"'flux-dev-hpsv3' (no folders, '..', leading '.', or any of <>:\"|?*); the file is "
-                         f"written to models/calibri/<name>{_SUFFIX}.")
+                         f"'flux-dev-hpsv3' (no folders, '..', leading '.', control characters or any of <>:\"|?*); "
+                         f"the file is written to models/calibri/<name>{_SUFFIX}.")
     return name + _SUFFIX
 
 

@@ -116,8 +116,9 @@ def write_models(models: Path) -> dict:
 class ComfyServer:
     """One ComfyUI subprocess on 127.0.0.1 with a temporary base directory."""
 
-    def __init__(self, keep: bool = False):
+    def __init__(self, keep: bool = False, address_space: int | None = None):
         self.keep = keep
+        self.address_space = address_space  # RLIMIT_AS of the server process in bytes: memory bombs fail, not the box
         self.host = comfy_env.find_host()
         self.base = Path(tempfile.mkdtemp(prefix="calibri-e2e-"))
         self.models = self.base / "models"
@@ -144,7 +145,8 @@ class ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         t0 = time.monotonic()
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=self.host.path, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(cmd, cwd=self.host.path, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         preexec_fn=self._limit if self.address_space else None)
         deadline = t0 + BOOT_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
@@ -159,6 +161,16 @@ class ComfyServer:
                 time.sleep(0.5)
         self.boot_s = time.monotonic() - t0
         return self
+
+    def _limit(self) -> None:  # runs in the child between fork and exec
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
+
+    def vm_peak(self) -> int:
+        """The server process's peak virtual memory (VmPeak) in bytes, what RLIMIT_AS bounds."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmPeak:"))
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

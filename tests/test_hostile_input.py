@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -44,15 +45,16 @@ def good_preset(family="flux", counts=COUNTS, granularity="block", core=None) ->
     return preset.Preset(calibration.Calibration.identity(layout, granularity), dict(counts), {"source": "test"})
 
 
+def limit_memory() -> None:  # preexec_fn: runs in the child before exec
+    resource.setrlimit(resource.RLIMIT_AS, (BOMB_LIMIT, BOMB_LIMIT))
+
+
 def bounded(code: str) -> str:
     """Run ``code`` (which prints its result) in a fresh interpreter limited to BOMB_LIMIT bytes and BOMB_TIMEOUT
     seconds; return its stdout. A MemoryError, a traceback or a hang fails the test."""
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (BOMB_LIMIT, BOMB_LIMIT))
-
     try:
         run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
-                             timeout=BOMB_TIMEOUT, preexec_fn=limit)
+                             timeout=BOMB_TIMEOUT, preexec_fn=limit_memory)
     except subprocess.TimeoutExpired:
         pytest.fail(f"still running after {BOMB_TIMEOUT} s: the input was expanded before it was checked")
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
@@ -68,20 +70,47 @@ def refusal(code: str) -> str:
 
 # ---------------------------------------------------------------- bounded before built
 
-@pytest.mark.parametrize("counts, expect", [
-    ({"double_blocks": 10 ** 9, "single_blocks": 3}, r"'double_blocks' = 1000000000 is outside 0\.\.1024"),
-    ({"double_blocks": 2, "single_blocks": 10 ** 5000}, r"an integer of about 500\d digits is outside"),
-    ({"double_blocks": -1, "single_blocks": 3}, r"outside 0\.\.1024"),
-    ({"double_blocks": 2.0, "single_blocks": 3}, r"must be an integer"),
-    ({"double_blocks": "2", "single_blocks": 3}, r"must be an integer"),
-    ({"double_blocks": 2, "single_blocks": 3, "x": [0, 0]}, r"lists a block twice"),
-    ({"double_blocks": 2, "single_blocks": 3, "x": [3]}, r"holds 3, not a block index in 0\.\.2"),
-    ({"double_blocks": 2, "single_blocks": 3, "x": [True]}, r"not a block index"),
-    ({}, r"1 to 16 keys"),
-])
-def test_counts_are_bounded_before_the_layout_is_built(counts, expect):
-    with pytest.raises(ValueError, match=expect):
-        get_family("flux").layout(counts)
+def outcomes(setup: str, calls: dict) -> dict:
+    """Evaluate each expression of ``calls`` (id → Python expression) after ``setup`` in one bounded subprocess;
+    return id → the ValueError's message, or "ACCEPTED". Cases that would expand a hostile number on a regression
+    run here, never in the test process."""
+    out = bounded(setup + f"""
+import json
+results = {{}}
+for key, expression in {calls!r}.items():
+    try:
+        eval(expression)
+        results[key] = "ACCEPTED"
+    except ValueError as e:
+        results[key] = str(e)
+print(json.dumps(results))
+""")
+    return json.loads(out)
+
+
+COUNT_CASES = {
+    "1e9": ('{"double_blocks": 10 ** 9, "single_blocks": 3}', r"'double_blocks' = 1000000000 is outside 0\.\.1024"),
+    "5000-digits": ('{"double_blocks": 2, "single_blocks": 10 ** 5000}',
+                    r"an integer of about 500\d digits is outside"),
+    "negative": ('{"double_blocks": -1, "single_blocks": 3}', r"outside 0\.\.1024"),
+    "float": ('{"double_blocks": 2.0, "single_blocks": 3}', r"must be an integer"),
+    "string": ('{"double_blocks": "2", "single_blocks": 3}', r"must be an integer"),
+    "repeated": ('{"double_blocks": 2, "single_blocks": 3, "x": [0, 0]}', r"lists a block twice"),
+    "index-too-big": ('{"double_blocks": 2, "single_blocks": 3, "x": [3]}', r"holds 3, not a block index in 0\.\.2"),
+    "index-bool": ('{"double_blocks": 2, "single_blocks": 3, "x": [True]}', r"not a block index"),
+    "empty": ("{}", r"1 to 16 keys"),
+}
+
+
+@pytest.fixture(scope="module")
+def count_outcomes() -> dict:
+    return outcomes("from calibri_core.families import get_family\n",
+                    {k: f'get_family("flux").layout({counts})' for k, (counts, _) in COUNT_CASES.items()})
+
+
+@pytest.mark.parametrize("case", list(COUNT_CASES))
+def test_counts_are_bounded_before_the_layout_is_built(count_outcomes, case):
+    assert re.search(COUNT_CASES[case][1], count_outcomes[case]), count_outcomes[case]
 
 
 def test_a_billion_blocks_is_refused_without_building_them():
@@ -125,15 +154,25 @@ def test_a_manual_range_of_a_billion_blocks_names_the_real_range():
     assert "joint_blocks.4 does not exist; this model has joint_blocks.0-3" in out
 
 
-@pytest.mark.parametrize("text, expect", [
-    ("single_blocks.2-999999999999 = 1", r"single_blocks\.3 does not exist; this model has single_blocks\.0-2"),
-    ("single_blocks.7-9 = 1", r"single_blocks\.7 does not exist; this model has single_blocks\.0-2"),
-    ("single_blocks.0-" + "9" * 5000 + " = 1", r"block index 999999999999\.\.\. is not a block of any model"),
-    ("joint_blocks.0-99999999 = 1", r"joint_blocks\.0 does not exist.*Did you mean"),
-])
-def test_manual_ranges_are_checked_against_the_model(text, expect):
-    with pytest.raises(ValueError, match=expect):
-        parse_manual(text, flux_layout())
+MANUAL_RANGES = {
+    "beyond-the-end": ("single_blocks.2-999999999999 = 1", r"single_blocks\.3 does not exist; this model has "
+                                                          r"single_blocks\.0-2"),
+    "past-the-end": ("single_blocks.7-9 = 1", r"single_blocks\.7 does not exist; this model has single_blocks\.0-2"),
+    "5000-digits": ("single_blocks.0-" + "9" * 5000 + " = 1", r"block index 999999999999\.\.\. is not a block"),
+    "unknown-container": ("joint_blocks.0-99999999 = 1", r"joint_blocks\.0 does not exist.*Did you mean"),
+}
+
+
+@pytest.fixture(scope="module")
+def manual_outcomes() -> dict:
+    setup = ("from calibri_core.families import get_family\nfrom calibri_core.manual import parse_manual\n"
+             f"layout = get_family('flux').layout({COUNTS!r})\n")
+    return outcomes(setup, {k: f"parse_manual({text!r}, layout)" for k, (text, _) in MANUAL_RANGES.items()})
+
+
+@pytest.mark.parametrize("case", list(MANUAL_RANGES))
+def test_manual_ranges_are_checked_against_the_model(manual_outcomes, case):
+    assert re.search(MANUAL_RANGES[case][1], manual_outcomes[case], re.DOTALL), manual_outcomes[case]
 
 
 def test_a_manual_range_inside_the_model_still_works():
@@ -203,25 +242,13 @@ def refusals(base, tmp_path_factory) -> dict:
         paths[case] = str(folder / f"hostile-{case}.safetensors")
         with open(paths[case], "wb") as f:
             f.write(make(*base))
-    out = bounded(f"""
-        import json
-        from calibri_core.preset import load_preset
-        results = {{}}
-        for case, path in {paths!r}.items():
-            try:
-                load_preset(path)
-                results[case] = "ACCEPTED"
-            except ValueError as e:
-                results[case] = str(e)
-        print(json.dumps(results))
-    """)
-    return {case: (paths[case], message) for case, message in json.loads(out).items()}
+    found = outcomes("from calibri_core.preset import load_preset\n",
+                     {case: f"load_preset({path!r})" for case, path in paths.items()})
+    return {case: (paths[case], message) for case, message in found.items()}
 
 
 @pytest.mark.parametrize("case, expect", [(c[0], c[2]) for c in hf.CASES], ids=[c[0] for c in hf.CASES])
 def test_hostile_preset_files_are_refused_naming_the_file(refusals, case, expect):
-    import re
-
     path, message = refusals[case]
     assert message.startswith("Calibri: preset ") and path in message, message
     assert re.search(expect, message, re.IGNORECASE | re.DOTALL), message
@@ -274,7 +301,7 @@ def test_a_legal_long_name_saves_and_a_too_long_one_is_refused_clearly(tmp_path)
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "calibri_core.preset", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=BOMB_TIMEOUT, preexec_fn=limit_memory)
 
 
 def digest(path) -> str:
