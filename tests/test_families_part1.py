@@ -77,3 +77,82 @@ def test_hunyuan_video15_drops_the_last_double_blocks_text():
     scales = [1.6 if i in img_gate else 1.0 for i in range(len(layout.gates))]
     moved = tm.predict(apply_calibration(patcher, gate_calibration(layout, scales)), x, SIGMA, positive)
     assert not torch.equal(moved, base), "the image gate of the same block acts"
+
+
+DIT_SKIPS = {  # spec → (block site, ComfyUI 'dit' replace key), as SkipLayerGuidanceDiT's layers use them
+    "mage_flow": [("transformer_blocks.1", ("double_block", 1))],
+    "lens": [("transformer_blocks.0", ("double_block", 0))],
+    "hunyuan_video": [("double_blocks.1", ("double_block", 1)), ("single_blocks.0", ("single_block", 0))],
+    "hunyuan_video15": [("double_blocks.0", ("double_block", 0))],
+    "hunyuan_image21": [("double_blocks.0", ("double_block", 0)), ("single_blocks.1", ("single_block", 1))],
+    "kandinsky5": [("visual_transformer_blocks.1", ("double_block", 1))],
+    "kandinsky5_image": [("visual_transformer_blocks.0", ("double_block", 0))],
+    "auraflow": [("double_layers.1", ("double_block", 1)), ("single_layers.0", ("single_block", 0))],
+}
+
+
+def _pass_through(args, extra):
+    return {key: args[key] for key in ("img", "txt", "x") if key in args}
+
+
+@pytest.mark.parametrize("spec_name", sorted(DIT_SKIPS))
+def test_zero_gates_equal_comfyui_block_skip(spec_name):
+    """A block with every gate at 0 is ComfyUI's own block skip (the SLG presets rely on it), and each table's
+    ``dit_blocks`` names the container ComfyUI's replace keys index."""
+    from calibri_core.families import get_family
+
+    patcher = tm.build_patcher(spec_name)
+    family, layout = model_layout(patcher)
+    x, positive = tm.latent(spec_name), tm.conditioning(spec_name)
+    for block, (kind, index) in DIT_SKIPS[spec_name]:
+        assert block == f"{get_family(family.name).dit_blocks[kind]}.{index}"
+        skipped = patcher.clone()
+        skipped.set_model_patch_replace(_pass_through, "dit", kind, index)
+        expected = tm.predict(skipped, x, SIGMA, positive)
+        zero = gate_calibration(layout, [0.0 if g.block == block else 1.0 for g in layout.gates])
+        ours = tm.predict(apply_calibration(patcher, zero), x, SIGMA, positive)
+        assert (expected - tm.predict(patcher, x, SIGMA, positive)).abs().max() > 1e-4, f"skipping {block} acts"
+        assert (ours - expected).abs().max() <= 1e-5, block
+
+
+def test_hunyuan_video_guiding_frame_gates_match_reference():
+    """HunyuanVideo I2V's guiding frame gives every modulation Linear a second row per sample ([B, 2, 6D]: first
+    frame, the rest): each gate scales both, exactly as the weight-folded reference does."""
+    from engine_reference import reference_patcher
+    from site_checks import one_gate
+
+    patcher = tm.build_patcher("hunyuan_video")
+    _, layout = model_layout(patcher)
+    positive = tm.conditioning("hunyuan_video")
+    positive[0][1]["guiding_frame_index"] = 0
+    x = tm.latent("hunyuan_video")
+    base = tm.predict(patcher, x, SIGMA, positive)
+    seen = {}
+    handle = patcher.model.diffusion_model.double_blocks[0].img_mod.lin.register_forward_hook(
+        lambda m, a, out: seen.update(shape=tuple(out.shape)))
+    try:
+        for index in range(len(layout.gates)):
+            ours = tm.predict(apply_calibration(patcher, one_gate(layout, index, 1.6)), x, SIGMA, positive)
+            expected = tm.predict(reference_patcher("hunyuan_video", {index: 1.6}), x, SIGMA, positive)
+            assert not torch.equal(ours, base), layout.gates[index].name("gate")
+            assert (ours - expected).abs().max() <= 1e-5, layout.gates[index].name("gate")
+    finally:
+        handle.remove()
+    assert len(seen["shape"]) == 3 and seen["shape"][1] == 2, "the guiding frame's two modulation rows were used"
+
+
+def test_hunyuan_video_guiding_frame_rows_carry_their_calibrations():
+    from site_checks import assert_rows_carry_their_calibrations
+
+    patcher = tm.build_patcher("hunyuan_video")
+    _, layout = model_layout(patcher)
+    positive = tm.conditioning("hunyuan_video")
+    positive[0][1]["guiding_frame_index"] = 0
+    x = tm.latent("hunyuan_video", batch=2)
+    try:
+        tm.predict(patcher, x, SIGMA, positive)
+    except RuntimeError as e:  # 0.3.75's apply_mod broadcasts a [B, D] row against [B, L, D] tokens
+        pytest.skip(f"this ComfyUI's HunyuanVideo fails on a batch of 2 with a guiding frame, uncalibrated: {e}")
+    rows = torch.tensor([[0.4 + 0.1 * (i % 12) for i in range(len(layout.gates))],
+                         [1.5 - 0.1 * (i % 9) for i in range(len(layout.gates))]])
+    assert_rows_carry_their_calibrations(patcher, rows, x, positive)

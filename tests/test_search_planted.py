@@ -1,5 +1,6 @@
 """Planted calibration (issue 4): the search (``search.loop.run_search`` with the packed ComfyUI evaluator) recovers a
-hidden calibration of a tiny FLUX.
+hidden calibration of a tiny FLUX, and of tiny models of newer families (issue 11: nothing in the search or the
+nodes is family-specific).
 
 Target images are sampled with a hidden block-granularity calibration (two of the four block scales moved) at one
 fixed seed; the ``target`` reward (negative MSE to the target image of each prompt) is 0 exactly at the hidden
@@ -9,6 +10,7 @@ calibration. The run uses the reference's optimiser settings (x0 = identity inje
 
 import time
 
+import pytest
 from tiny_models import SPECS, build_patcher
 
 from calibri_core.calibration import Calibration, Member
@@ -18,7 +20,8 @@ from search.loop import run_search
 from search.models import HashTextEncoder, ModelBundle
 from search.rewards import build_rewards
 
-HIDDEN = (1.4, 1.0, 0.6, 1.0)  # double_blocks.0, double_blocks.1, single_blocks.0, single_blocks.1
+HIDDEN = (1.4, 1.0, 0.6, 1.0)  # block scales: FLUX double_blocks.0, .1, single_blocks.0, .1 (AuraFlow: *_layers)
+FAMILIES = ("flux", "auraflow")  # tiny specs with 4 blocks; AuraFlow (issue 11, part 1) on both hosts
 PROMPTS = ["a red cube", "a green tree by a lake", "two birds"]
 SEED = 5
 GENERATIONS = 60
@@ -26,31 +29,33 @@ POPSIZE = 12
 TOLERANCE = 0.05  # |found − hidden| per scale and for ω
 
 
-def _evaluator(reward=None):
-    spec = SPECS["flux"]
-    bundle = ModelBundle(build_patcher("flux"), HashTextEncoder(spec.context[0], spec.context[1], spec.pooled),
-                         name="tiny-flux")
+def _evaluator(family, reward=None):
+    spec = SPECS[family]
+    bundle = ModelBundle(build_patcher(family), HashTextEncoder(spec.context[0], spec.context[1], spec.pooled),
+                         name=f"tiny-{family}")
     return Evaluator(bundle, reward, steps=4, latent_shape=spec.latent)
 
 
-def planted_evaluator(config=None) -> Evaluator:
-    """The run's evaluator (the config's ``search.evaluator`` hook): the target reward holds the images the hidden
-    calibration makes for each prompt at the fixed seed."""
-    probe = _evaluator()
+def planted_evaluator(config=None, family="flux") -> Evaluator:
+    """The run's evaluator (the config's ``search.evaluator`` hook, for the config's family): the target reward holds
+    the images the hidden calibration makes for each prompt at the fixed seed."""
+    family = config.model["family"] if config is not None else family
+    probe = _evaluator(family)
     ident = probe.identity()
     hidden = Calibration(ident.family, "block", ident.sites, (Member(HIDDEN, 1.0),))
     target = probe.images(hidden, PROMPTS, SEED)
-    return _evaluator(build_rewards([{"name": "target", "images": target, "prompts": PROMPTS}]))
+    return _evaluator(family, build_rewards([{"name": "target", "images": target, "prompts": PROMPTS}]))
 
 
-def test_planted_calibration_is_recovered(tmp_path):
-    evaluator = planted_evaluator()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_planted_calibration_is_recovered(tmp_path, family):
+    evaluator = planted_evaluator(family=family)
     ident = evaluator.identity()
     baseline = float(evaluator.evaluate([ident], PROMPTS, SEED)[0])
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     config = {
-        "model": {"family": "flux", "name": "tiny-flux", "options": {}},
+        "model": {"family": family, "name": f"tiny-{family}", "options": {}},
         "search": {"evaluator": "python:test_search_planted:planted_evaluator", "granularity": "block",
                    "seed": SEED, "fixed_noise": True, "generations": GENERATIONS,
                    "popsize": POPSIZE, "val_every": 20, "val_seed": SEED, "bucket_size": len(PROMPTS)},
@@ -66,7 +71,7 @@ def test_planted_calibration_is_recovered(tmp_path):
     best = float(evaluator.evaluate([found], PROMPTS, SEED)[0])
     gap_closed = (best - baseline) / (0.0 - baseline)
     scales, weight = found.members[0].scales, found.members[0].weight
-    print(f"planted: gap closed {gap_closed:.3f}, scales {[round(s, 3) for s in scales]}, ω {weight:.3f}, "
+    print(f"planted {family}: gap closed {gap_closed:.3f}, scales {[round(s, 3) for s in scales]}, ω {weight:.3f}, "
           f"{GENERATIONS} generations x {POPSIZE} candidates in {elapsed:.1f} s")
     assert baseline < 0
     assert gap_closed >= 0.9
