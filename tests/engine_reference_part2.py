@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from calibri_core.sites import Gate
 
 
@@ -98,7 +100,26 @@ def _fold_gate_rows(dm, gates: list[Gate], scales: dict[int, float]) -> None:
     _fold_weights(dm, gates, scales)
 
 
+def _cosmos_modulation_hooks(dm, gates: list[Gate], scales: dict[int, float]) -> None:
+    """Cosmos-Predict2 / Anima: a branch's gate is chunk 2 of its ``adaln_modulation_<branch>`` output plus, with
+    adaLN-LoRA, chunk 2 of the block's ``adaln_lora_B_T_3D``. A pre-hook on the block keeps that LoRA term and a hook
+    on the modulation rewrites its gate chunk to s·g + (s − 1)·lora, so that the sum is s·gate."""
+    for block, per_gate in _by_block(gates, scales).items():
+        module, lora = _get(dm, block), {}
+        module.register_forward_pre_hook(
+            lambda mod, args, kwargs, lora=lora: lora.update(term=kwargs.get("adaln_lora_B_T_3D")), with_kwargs=True)
+        for (_, branch), s in per_gate.items():
+            def hook(mod, args, out, s=s, lora=lora):
+                shift, scale, gate = out.chunk(3, dim=-1)
+                term = lora["term"]
+                gate = s * gate + ((s - 1) * term.chunk(3, dim=-1)[2] if term is not None else 0.0)
+                return torch.cat([shift, scale, gate], dim=-1)
+
+            getattr(module, f"adaln_modulation_{branch}").register_forward_hook(hook)
+
+
 REFERENCES_PART2 = {
+    "cosmos_predict2": _cosmos_modulation_hooks, "anima": _cosmos_modulation_hooks,
     "minimax_h3": _fold_gate_rows,
     "ltxav": _ltxav_ada_value_hooks,
     "ltxv": _ltxv_timestep_hooks,

@@ -12,7 +12,15 @@ LTXV_CLASS = "comfy.ldm.lightricks.model.LTXVModel"
 _LTXV_TINY = dict(image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=16,
                   num_attention_heads=4, caption_channels=32, num_layers=2)
 
+_COSMOS_TINY = dict(image_model="cosmos_predict2", max_img_h=240, max_img_w=240, max_frames=128, in_channels=16,
+                    out_channels=16, patch_spatial=2, patch_temporal=1, concat_padding_mask=True, model_channels=64,
+                    num_blocks=2, num_heads=4, crossattn_emb_channels=32, pos_emb_cls="rope3d",
+                    pos_emb_learnable=True, use_adaln_lora=True, adaln_lora_dim=16)
+
 SPECS_PART2 = {
+    # adaLN-LoRA on, as comfy/model_detection.py sets for every released checkpoint
+    "cosmos_predict2": TinySpec("CosmosT2IPredict2", _COSMOS_TINY, (16, 1, 8, 8), (5, 32)),
+    "anima": TinySpec("Anima", dict(_COSMOS_TINY, image_model="anima"), (16, 1, 8, 8), (5, 32)),
     "ltxv": TinySpec("LTXV", _LTXV_TINY, (128, 2, 4, 4), (5, 32), text_mask=True),
     # LTX-2.3's gated text cross-attention (ComfyUI >= 0.4: cross_attention_adaln from the checkpoint's config)
     "ltxv_adaln": TinySpec("LTXV", dict(_LTXV_TINY, cross_attention_adaln=True), (128, 2, 4, 4), (5, 32),

@@ -1,0 +1,41 @@
+"""Cosmos-Predict2 and Anima (``comfy.ldm.cosmos.predict2``; Anima in ``comfy.ldm.anima``, ComfyUI >= 0.9).
+
+Each block gates three branches, self-attention, text cross-attention and MLP, with its own modulation Sequential
+per branch (SiLU, Linear(s) → shift, scale, gate). With adaLN-LoRA (the released checkpoints) the shared
+``t_embedder``'s LoRA term is added after the Linear, so the gate chunk of the Linear's output is not the whole gate:
+the engine multiplies the branch outputs (``self_attn``, ``cross_attn``, ``mlp``), which is the whole gate scaled
+where it meets its branch. Anima is Cosmos-Predict2's network behind an LLM adapter that makes its text context; the
+adapter's blocks are not the DiT's and are never touched. They are separate families: a preset of one never applies
+to the other.
+"""
+
+from ..sites import Gate
+from .table import Family, stream_gates
+
+BRANCHES = {branch: (branch, 0, 1) for branch in ("self_attn", "cross_attn", "mlp")}  # whole branch outputs
+
+
+def read_counts(dm) -> dict:
+    return {"blocks": len(dm.blocks)}
+
+
+def gates(counts: dict) -> list[Gate]:
+    return [g for i in range(counts["blocks"]) for g in stream_gates(f"blocks.{i}", {"": ""}, BRANCHES)]
+
+
+COSMOS_PREDICT2 = Family(
+    name="cosmos_predict2",
+    title="Cosmos-Predict2",
+    classes=("comfy.ldm.cosmos.predict2.MiniTrainDIT",),
+    read_counts=read_counts,
+    gates=gates,
+    clip_type="COSMOS",
+)
+ANIMA = Family(
+    name="anima",
+    title="Anima",
+    classes=("comfy.ldm.anima.model.Anima",),
+    read_counts=read_counts,
+    gates=gates,
+    ungated="the LLM adapter (llm_adapter) that makes the text context is not part of the DiT and is never scaled",
+)
