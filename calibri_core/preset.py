@@ -43,7 +43,8 @@ MAX_DEPTH = 64                   # nesting of the metadata JSON (a CalibriCombin
 
 
 def tool_version() -> str:
-    """The pack's version from ``pyproject.toml`` beside the package, or ``"unknown"``."""
+    """The pack's version: ``pyproject.toml`` beside the package (a checkout), the installed distribution's
+    (``pip install .``), or ``"unknown"``."""
     try:
         import tomllib
 
@@ -51,6 +52,12 @@ def tool_version() -> str:
         with open(os.path.join(root, "pyproject.toml"), "rb") as f:
             return str(tomllib.load(f)["project"]["version"])
     except Exception:  # a missing or partial pyproject must never break saving
+        pass
+    try:
+        from importlib import metadata
+
+        return metadata.version("calibri")
+    except Exception:
         return "unknown"
 
 

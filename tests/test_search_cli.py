@@ -15,11 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -194,22 +192,18 @@ def test_resume_without_config(files, reference):
     assert _presets(run_dir) == _presets(reference.run_dir)
 
 
-def test_console_script(files, reference):
-    """``calibri-search --config F`` ([project.scripts] in pyproject.toml), or its entry point when not installed."""
-    script = shutil.which("calibri-search", path=os.pathsep.join([os.path.dirname(sys.executable),
-                                                                   os.environ.get("PATH", "")]))
-    config = _config(files, "script")
-    if script:
-        cmd = [script, "--config", config]
-    else:
-        import tomllib
-
-        with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
-            module, attr = tomllib.load(f)["project"]["scripts"]["calibri-search"].split(":")
-        warnings.warn(f"calibri-search is not installed (not beside {sys.executable} nor on PATH), so the console "
-                      f"script itself is not tested; running its entry point {module}:{attr} with python -c instead")
-        cmd = [sys.executable, "-c", f"from {module} import {attr}; raise SystemExit({attr}())", "--config", config]
-    _ok(_run(cmd))
+def test_console_script(files, reference, tmp_path):
+    """``calibri-search --config F`` as ``pip install .`` installs it ([project.scripts] in pyproject.toml): the
+    package is built from this checkout and installed into a folder of its own, and its script runs from there."""
+    target = tmp_path / "installed"
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet",
+               "--target", str(target), REPO]
+    _ok(_run(install))
+    script = target / "bin" / "calibri-search"
+    assert script.is_file(), sorted(p.name for p in target.iterdir())
+    assert (target / "search" / "data" / "train_prompts.txt").is_file()  # the default prompts are package data
+    env = _env(PYTHONPATH=str(target))
+    _ok(_run([str(script), "--config", _config(files, "script")], env=env))
     assert _presets(files.root / "script") == _presets(reference.run_dir)
 
 
