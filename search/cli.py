@@ -3,6 +3,10 @@
 The ComfyUI host is found as ``python -m calibri_core.comfy_env serve|test`` find it (``COMFYUI_PATH``, the ComfyUI
 that contains this pack, the pinned snapshot) but never provisioned here, and activated (``comfy_env.activate``:
 first on ``sys.path``, ``args.cpu`` without CUDA) after the config is validated and before anything imports ComfyUI.
+
+A refusal (a bad config, a damaged or pickled run state, a run dir in use, a file the config names that is missing)
+is one line on stderr, ``calibri-search: error: Calibri: ...`` naming the file, the problem and the fix, and exit
+code 2; only an unexpected failure (a bug) shows a traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from .config import EVALUATOR_DEFAULT, ConfigError, RunConfig, load_config, parse_override, schema_help
 
@@ -76,12 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config key; VALUE is read as TOML (e.g. --set sampling.steps=20 "
                              "--set 'search.scale_bounds=[0, 2]'); repeatable")
-    parser.add_argument("--check", action="store_true", help="validate the config (files, rewards, prompts, run dir) "
-                                                             "and exit without loading a model")
+    parser.add_argument("--check", action="store_true", help="validate the config (files, rewards, prompts, run dir; "
+                                                             "with --resume also the run state: state.json, "
+                                                             "config.json, optimizer.jsonl) and exit without "
+                                                             "loading a model")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging level (default INFO)")
     return parser
+
+
+def _refuse(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """One refusal: the message (it names the file, the problem and the fix) on stderr, exit code 2 (as
+    ``parser.error``, without the usage lines: the arguments were fine)."""
+    sys.stderr.write(f"{parser.prog}: error: {message}\n")
+    raise SystemExit(2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,25 +103,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(message)s")
     if not args.config and not args.resume:
         parser.error("give --config FILE (a new run) or --resume RUN_DIR.")
+    overrides = {}
+    for _, key, _, _ in _SHORTCUTS:
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    if args.resume and "output.run_dir" in overrides:
+        parser.error("--resume RUN_DIR already names the run dir; drop --run-dir / output.run_dir.")
     try:
-        overrides = {}
-        for _, key, _, _ in _SHORTCUTS:
-            value = getattr(args, key)
-            if value is not None:
-                overrides[key] = value
         for text in args.set:
             key, value = parse_override(text)
             overrides[key] = value
-        if args.resume and "output.run_dir" in overrides:
-            parser.error("--resume RUN_DIR already names the run dir; drop --run-dir / output.run_dir.")
         config = load_config(args.config, overrides, resume=args.resume)
         host = find_host(config)
+        if args.check:  # nothing imported from ComfyUI, no model loaded
+            from .loop import check_run_dir
+
+            saved = check_run_dir(config, resume=bool(args.resume))
     except ConfigError as e:
-        parser.error(str(e))
-    if args.check:  # nothing imported from ComfyUI, no model loaded
+        _refuse(parser, str(e))
+    if args.check:
+        state = (f"run state OK: generation {saved.state.generation}{', finished' if saved.state.finished else ''}"
+                 f"\n" if saved is not None else "")
         sys.stdout.write(f"config OK: {config.model['family']} {config.search['granularity']}, "
                          f"{len(config.members)} member(s), {len(config.train_prompts)} train / "
-                         f"{len(config.val_prompts)} validation prompts, run dir {config.run_dir}\n"
+                         f"{len(config.val_prompts)} validation prompts, run dir {config.run_dir}\n{state}"
                          f"host: {host.report() if host else 'none'}\n")
         return 0
     if host is not None:
@@ -117,14 +136,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             comfy_env.activate(host)  # before anything imports comfy (comfy.model_management reads args.cpu)
         except comfy_env.ComfyHostError as e:
-            parser.error(str(e))
+            _refuse(parser, str(e))
         logger.info("Calibri: %s", host.report())
     from .loop import run_search
 
     try:
         result = run_search(config, resume=bool(args.resume), progress=not args.no_progress)
     except ConfigError as e:
-        parser.error(str(e))
+        _refuse(parser, str(e))
+    except FileNotFoundError as e:  # a file the config names (a reward's weights, a target) that is not there
+        if not str(e).startswith("Calibri: "):
+            raise
+        _refuse(parser, f"{e} Check that path in the run config {args.config or args.resume!r}.")
     if result is not None:
         sys.stdout.write(f"best preset: {result.best_preset} ({config.output['final']}; best validation "
                          f"{result.best_val}, baseline {result.baseline_val})\nlast mean:   {result.mean_preset}\n")

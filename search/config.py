@@ -231,6 +231,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"Calibri: --set {key.strip()}: the value is nested too deeply.") from None
     return key.strip(), value
 
 
@@ -272,6 +274,8 @@ def _check_type(where: str, value: Any, types: tuple[type, ...]) -> None:
     if not ok:
         names = " or ".join(t.__name__ for t in types)
         raise ConfigError(f"Calibri: config key {where} must be a {names}; got {value!r}.")
+    if isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf literals
+        raise ConfigError(f"Calibri: config key {where} must be a finite number; got {value!r}.")
 
 
 def _fill(raw: dict) -> dict:
@@ -322,9 +326,9 @@ def _resolve_path(path: str, base: str) -> str:
 
 
 def _check_bounds(where: str, value: list) -> None:
-    if (len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-            or not value[0] < value[1]):
-        raise ConfigError(f"Calibri: {where} must be [low, high] with low < high; got {value!r}.")
+    if (len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                   for v in value) or not value[0] < value[1]):
+        raise ConfigError(f"Calibri: {where} must be [low, high], finite numbers with low < high; got {value!r}.")
 
 
 def _check_writable(folder: str) -> None:
@@ -548,8 +552,7 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None, resum
         if not os.path.isfile(stored_path):
             raise ConfigError(f"Calibri: --resume {resume!r}: no config.json there, so it is not a Calibri run dir "
                               f"(or the run never started). Start a new run with --config.")
-        with open(stored_path, encoding="utf-8") as f:
-            stored = json.load(f)
+        stored = _read_stored(stored_path)
     if raw is not None:
         data, base = copy.deepcopy(raw), os.getcwd()
     elif path is not None:
@@ -560,6 +563,13 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None, resum
                 data = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"Calibri: config file {path!r} is not valid TOML: {e}.") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"Calibri: config file {path!r} is not UTF-8 text (byte {e.start}); TOML files are "
+                              f"UTF-8: save it as UTF-8.") from None
+        except RecursionError:
+            raise ConfigError(f"Calibri: config file {path!r} is nested too deeply to be a run config.") from None
+        except OSError as e:
+            raise ConfigError(f"Calibri: config file {path!r} cannot be read ({e.strerror or e}).") from None
         base = os.path.dirname(os.path.abspath(path))
     elif stored is not None:
         data = {k: v for k, v in stored.items() if k != "prompt_hashes"}
@@ -569,11 +579,52 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None, resum
     for key, value in (overrides or {}).items():
         _set_key(data, key, value)
     if resume is not None:
+        if not isinstance(data.get("output", {}), dict):
+            raise ConfigError(f"Calibri: [output] must be a table; got {data['output']!r}.")
         data.setdefault("output", {})["run_dir"] = os.path.abspath(resume)
-    config = validate(data, base)
+    try:
+        config = validate(data, base)
+    except ConfigError as e:
+        if path is None and raw is None:  # the values came from the run dir's config.json: name it
+            raise ConfigError(f"Calibri: {stored_path!r} does not hold a valid run config ("
+                              f"{str(e).removeprefix('Calibri: ')}); it was damaged or edited: restore the file, "
+                              f"or start a new run dir (--config, another output.run_dir).") from None
+        raise
     if stored is not None:
         _compare_with_stored(config.to_dict(), stored, resume)
     return config
+
+
+def refuse_json_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a finite number")
+
+
+def load_json_file(path: str) -> tuple[Any, str | None]:
+    """A run dir's JSON file: (its value, None), or (None, what is wrong with it: unreadable, not UTF-8, nested too
+    deeply, not JSON). NaN and Infinity are not JSON here: Calibri never writes them."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"), parse_constant=refuse_json_constant), None
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+    except UnicodeDecodeError as e:
+        return None, f"is not UTF-8 text (byte {e.start})"
+    except RecursionError:
+        return None, "is nested too deeply"
+    except ValueError as e:  # JSONDecodeError, a non-finite constant, an integer of too many digits
+        return None, f"is not valid JSON ({e})"
+
+
+def _read_stored(path: str) -> dict:
+    """A run dir's config.json, or ConfigError naming it (damaged, edited, not a table)."""
+    stored, problem = load_json_file(path)
+    if problem is None:
+        if isinstance(stored, dict) and all(isinstance(v, (dict, list)) for v in stored.values()):
+            return stored
+        problem = "is not a table of config sections"
+    raise ConfigError(f"Calibri: the run's config {path!r} {problem}; it was damaged or edited, so the run cannot "
+                      f"be checked against it: restore the file, or start a new run dir (--config, another "
+                      f"output.run_dir).")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

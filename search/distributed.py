@@ -177,7 +177,14 @@ class ShardedEvaluator:
 
     def __init__(self, evaluator: Any, ctx: DistContext, per_call: int = 1):
         self.evaluator, self.ctx, self.per_call = evaluator, ctx, per_call
+        self.pack_rows: int | None = None
         self._open = True
+
+    def use_pack_rows(self, rows: int) -> None:
+        """Every rank's evaluator packs ``rows`` forward rows from the next evaluation on (its ``batch_size``), so
+        packs are composed as in the run's first process whatever the ranks' memory (the loop records it)."""
+        self.pack_rows = int(rows)
+        self.evaluator.batch_size = self.pack_rows
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.evaluator, name)
@@ -186,7 +193,7 @@ class ShardedEvaluator:
                      on_done: Callable[[], None] | None = None) -> torch.Tensor:
         candidates, prompts = list(candidates), list(prompts)
         if self.ctx.world > 1:
-            exchange(self.ctx, ("evaluate", candidates, prompts, int(seed)))
+            exchange(self.ctx, ("evaluate", candidates, prompts, int(seed), self.pack_rows))
         try:
             return _shard(self.evaluator, candidates, prompts, int(seed), self.ctx, self.per_call, on_done)
         except BaseException:
@@ -242,7 +249,9 @@ def serve(evaluator: Any, ctx: DistContext, per_call: int = 1) -> None:
             message = exchange(ctx)[0]
             if message[0] == "stop":
                 return
-            _, candidates, prompts, seed = message
+            _, candidates, prompts, seed, pack_rows = message
+            if pack_rows is not None:
+                evaluator.batch_size = pack_rows  # rank 0's recorded pack size (ShardedEvaluator.use_pack_rows)
             _shard(evaluator, candidates, prompts, seed, ctx, per_call, None)
     except BaseException:
         ctx.failed = True

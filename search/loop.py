@@ -8,12 +8,15 @@ Per generation g (1-based): one bucket of ``bucket_size`` training prompts from 
 candidate is scored on that bucket with seed ``search.seed + g - 1`` (common random numbers; the reference's 42 + g −
 1); rewards become losses in ``optimizer.reward_to_loss`` (NaN/inf → worst, counted and logged). The run stops when
 pycma's own stop criteria say so (the reference), at the ``search.generations`` cap or at ``search.budget_hours``.
+The pack size (forward rows per evaluator pack) is measured in generation 1 and recorded in the state; from then on
+every rank uses it, also after a resume, so packs are composed the same way (GPU kernels are not batch-invariant).
 Every ``val_every`` generations (and after the last) the identity baseline (once) and the best training candidate so
 far are scored on the validation prompts with ``val_seed``. The best training candidate is written as
 ``calibri-best-train.safetensors`` (the reference's solution), the best by validation score as
 ``calibri-best-validation.safetensors``; ``output.final`` picks which one is also ``calibri-best.safetensors``
 (summary.json records it), and the CMA-ES mean after the last generation is ``calibri-last-mean.safetensors``. After
-every generation the state is written atomically (state.py).
+every generation the state is written atomically (state.py). The run dir is locked by the process using it, and an
+existing ``output.preset`` that this run did not write is replaced only with ``output.overwrite = true``.
 
 Evaluator protocol (``search.evaluator.Evaluator`` or ``python:module:factory``): ``layout`` (SiteLayout),
 ``evaluate(candidates, prompts, seed) -> tensor[len(candidates)]`` (mean reward, higher is better), optional
@@ -40,8 +43,22 @@ from calibri_core.calibration import Calibration, Member
 
 from . import distributed, outputs
 from .config import EVALUATOR_DEFAULT, ConfigError, RunConfig, load_config, write_json_atomic
-from .optimizer import CMAOptimizer, reward_to_loss
-from .state import STATE_FILE, BucketSampler, RunState, load_state, restore_rng, save_state
+from .optimizer import CMAOptimizer, ReplayMismatch, reward_to_loss
+from .state import (
+    OPTIMIZER_LOG,
+    STATE_FILE,
+    BucketSampler,
+    RunLock,
+    RunState,
+    RunStateError,
+    SavedRun,
+    append_exchange,
+    holder_of,
+    load_state,
+    restore_rng,
+    save_state,
+    write_exchanges,
+)
 
 logger = logging.getLogger("calibri")
 
@@ -127,17 +144,56 @@ def build_evaluator(config: RunConfig) -> Any:
     return evaluator
 
 
-def prepare_run_dir(config: RunConfig, resume: bool) -> None:
-    """Refuse to start over a run (without ``resume``); store config.json for a new run. No model involved."""
+def check_run_dir(config: RunConfig, resume: bool, check_lock: bool = True) -> SavedRun | None:
+    """Everything about the run dir that can be refused without a model (``--check`` and the start of a run): a
+    new run over an existing one, a damaged or pickled run state (validated in full), a run dir in use, an
+    ``output.preset`` that would be replaced without ``output.overwrite``. Returns the saved run to continue, if any.
+    """
     run_dir = config.run_dir
-    os.makedirs(run_dir, exist_ok=True)
     has_state = os.path.isfile(os.path.join(run_dir, STATE_FILE))
     has_config = os.path.isfile(os.path.join(run_dir, "config.json"))
     if not resume and (has_state or has_config):
         raise ConfigError(f"Calibri: run dir {run_dir!r} already holds a run. Continue it with --resume {run_dir}, "
                           f"or choose another output.run_dir (--run-dir).")
-    if not has_config:
+    holder = holder_of(run_dir) if check_lock else None
+    if holder is not None:
+        raise RunStateError(f"Calibri: run dir {run_dir!r} is in use by process {holder}; wait for it to finish or "
+                            f"stop it, then resume.")
+    saved = load_state(run_dir) if resume else None
+    _check_preset_target(config, saved.state if saved else None)
+    return saved
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_preset_target(config: RunConfig, state: RunState | None) -> None:
+    """``output.preset`` may replace an existing file only with ``output.overwrite`` or when this run wrote it."""
+    path = config.output["preset"]
+    if not path or config.output["overwrite"] or not os.path.exists(path):
+        return
+    if state is not None and state.preset_sha256 and os.path.isfile(path) and _file_sha256(path) == \
+            state.preset_sha256:
+        return  # the copy this run wrote when it last finished
+    raise ConfigError(f"Calibri: output.preset {path!r} already exists and output.overwrite is false, so the run "
+                      f"would replace it: choose another output.preset, move the file away, or set "
+                      f"output.overwrite = true (--set output.overwrite=true).")
+
+
+def prepare_run_dir(config: RunConfig, resume: bool) -> SavedRun | None:
+    """:func:`check_run_dir`, then store config.json for a new run. No model involved; the caller holds the lock."""
+    run_dir = config.run_dir
+    saved = check_run_dir(config, resume, check_lock=False)
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
         write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
+    return saved
 
 
 def _coerce_config(config: Any) -> RunConfig:
@@ -164,10 +220,13 @@ def run_search(config: Any, evaluator: Any = None, resume: bool = False, progres
     """
     config = _coerce_config(config)
     ctx = distributed.init_from_env()
+    lock, saved = None, None
     try:
         with distributed.step(ctx):  # a failure on any rank ends every rank, with its message
-            if ctx.is_main:
-                prepare_run_dir(config, resume)
+            if ctx.is_main:  # the run state is checked before any model is loaded
+                os.makedirs(config.run_dir, exist_ok=True)
+                lock = RunLock(config.run_dir).acquire()
+                saved = prepare_run_dir(config, resume)
             if evaluator is None:
                 evaluator = build_evaluator(config)
             if hasattr(evaluator, "prepare"):
@@ -177,28 +236,74 @@ def run_search(config: Any, evaluator: Any = None, resume: bool = False, progres
             distributed.serve(evaluator, ctx, config.search["candidates_per_call"])
             return None
         with distributed.ShardedEvaluator(evaluator, ctx, config.search["candidates_per_call"]) as sharded:
-            return _main_loop(config, sharded, progress, max_generations)
+            return _main_loop(config, sharded, progress, max_generations, saved)
     finally:
+        if lock is not None:
+            lock.release()
         distributed.shutdown(ctx)
 
 
+def _replay(config: RunConfig, space: SearchSpace, saved: SavedRun) -> CMAOptimizer:
+    """The optimiser of a saved run, rebuilt from its exchange log (checked against this model's search space)."""
+    s, run_dir = config.search, config.run_dir
+    state = saved.state
+    dims = {len(saved.exchanges[0]["candidates"][0])} if saved.exchanges else set()
+    dims |= {len(b["x"]) for b in (state.best_train, state.best_val) if b is not None}
+    if dims - {space.dimension}:
+        raise RunStateError(f"Calibri: the run state in {run_dir!r} searched vectors of {sorted(dims)[0]} values, but "
+                            f"this model and config give {space.dimension} ({len(space.sites)} sites × {space.n} "
+                            f"member(s) + ω): it is not the model the run started with. Resume with that model, or "
+                            f"start a new run dir.")
+    try:
+        return CMAOptimizer.replay(space.x0, s["sigma0"], space.lower, space.upper, s["popsize"] or None, s["seed"],
+                                   saved.exchanges)
+    except ReplayMismatch as e:
+        import cma
+
+        raise RunStateError(f"Calibri: {os.path.join(run_dir, OPTIMIZER_LOG)!r}: {e}; the log was edited, or this "
+                            f"machine's pycma ({cma.__version__}) / NumPy ({np.__version__}) numerics differ from the "
+                            f"run's, so the optimiser cannot be rebuilt exactly. Resume where the run started, or "
+                            f"start a new run dir.") from None
+
+
+def _apply_pack(ev: distributed.ShardedEvaluator, state: RunState) -> None:
+    """Generation 1 measured the pack size: record it once, then every rank packs with it (see state.py)."""
+    inner = ev.evaluator
+    if not hasattr(inner, "batch_size"):
+        return  # an evaluator hook without packing
+    if state.pack is None:
+        stats = getattr(inner, "stats", None) or {}
+        rows = inner.batch_size if isinstance(inner.batch_size, int) else stats.get("forward_rows")
+        if rows is None and hasattr(inner, "max_rows"):
+            rows = inner.max_rows()  # this rank scored nothing in generation 1 (more ranks than chunks)
+        if rows is None:
+            return
+        per_row = getattr(inner, "_per_row", None)
+        state.pack = {"rows": int(rows), "per_row_bytes": float(per_row) if per_row is not None else None}
+    ev.use_pack_rows(state.pack["rows"])
+
+
 def _main_loop(config: RunConfig, ev: distributed.ShardedEvaluator, progress: bool,
-               max_generations: int | None) -> SearchResult:
+               max_generations: int | None, saved: SavedRun | None = None) -> SearchResult:
     from tqdm import tqdm
 
     s, run_dir = config.search, config.run_dir
     space = SearchSpace(ev.layout, s["granularity"], config.members, s["scale_bounds"], s["weight_bounds"])
-    loaded = load_state(run_dir)
-    if loaded is not None:
-        state, opt = loaded
+    if saved is not None:
+        state = saved.state
+        opt = _replay(config, space, saved)
+        write_exchanges(run_dir, saved.exchanges)  # drops a line a kill left beyond state.json
         restore_rng(state.rng)
         outputs.write_log(run_dir, state.history)
+        if state.pack is not None:
+            _apply_pack(ev, state)
         logger.info("Calibri: resuming %s at generation %d", run_dir, state.generation)
     else:
         state = RunState()
         seed_global_rngs(s["seed"])
         opt = CMAOptimizer(space.x0, s["sigma0"], space.lower, space.upper, s["popsize"] or None, s["seed"])
         outputs.write_log(run_dir, [])
+        write_exchanges(run_dir, [])
     sampler = BucketSampler(len(config.train_prompts), s["bucket_size"], s["seed"], state.bucket_epoch,
                             state.bucket_offset)
     budget_s = s["budget_hours"] * 3600.0
@@ -225,10 +330,10 @@ def _main_loop(config: RunConfig, ev: distributed.ShardedEvaluator, progress: bo
             t0 = time.time()
             _validate(config, ev, space, state)
             state.elapsed_s += time.time() - t0
-            save_state(run_dir, state, opt)
+            save_state(run_dir, state)
         if finished and not state.finished:
             state.finished = True
-            save_state(run_dir, state, opt)
+            save_state(run_dir, state)
     finally:
         bar.close()
         cbar.close()
@@ -248,6 +353,8 @@ def _generation(config: RunConfig, ev, space: SearchSpace, opt: CMAOptimizer, sa
     t_eval = time.time()
     rewards = ev.evaluate_all(candidates, bucket, seed, on_done=lambda: cbar.update(1)).numpy()
     t_eval = time.time() - t_eval
+    if state.pack is None:
+        _apply_pack(ev, state)
     losses, nan_count = reward_to_loss(rewards)
     if nan_count:
         bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
@@ -279,7 +386,8 @@ def _generation(config: RunConfig, ev, space: SearchSpace, opt: CMAOptimizer, sa
     state.elapsed_s += time.time() - t0
     record["elapsed_s"] = round(state.elapsed_s, 3)
     state.history.append(record)
-    save_state(config.run_dir, state, opt)
+    append_exchange(config.run_dir, g, opt.exchange())
+    save_state(config.run_dir, state)
     outputs.append_log(config.run_dir, record)
     if "val" in record and config.output["plots"]:
         _plots(config, space, state)
@@ -387,7 +495,10 @@ def _finish(config: RunConfig, ev, space: SearchSpace, opt: CMAOptimizer, state:
     outputs.write_preset(mean_path, mean, counts, outputs.provenance(
         config, model_info, "CMA-ES distribution mean after the last generation (not validated)", common))
     if config.output["preset"]:
+        _check_preset_target(config, state)  # the file may have appeared while the run ran
         outputs.write_preset(config.output["preset"], best, counts, prov)
+        state.preset_sha256 = _file_sha256(config.output["preset"])
+        save_state(run_dir, state)
     if config.output["plots"] and state.history:
         _plots(config, space, state)
     _grid(config, ev, space, best, final)

@@ -2,9 +2,13 @@
 
 pycma (``cma``) is imported only here. It samples from whatever ``randn`` option it is given and, when that is
 ``np.random.randn``, seeds NumPy's *global* RNG, which inside ComfyUI would shift every other user's randomness.
-So the adapter gives pycma its own ``np.random.RandomState(seed)`` as ``randn`` (it is pickled together with the
-strategy, so a resumed run draws the same numbers) and, belt and braces, swaps NumPy's global state out around every
-pycma call so that nothing pycma does to it leaks out or in.
+So the adapter gives pycma its own ``np.random.RandomState(seed)`` as ``randn`` and, belt and braces, swaps NumPy's
+global state out around every pycma call so that nothing pycma does to it leaks out or in.
+
+Resume never unpickles (issue 10: a pickle in a shared run dir runs code, and a checksum kept beside it only catches
+accidents). With its private RNG the strategy is a deterministic function of its constructor arguments and the
+sequence of ask/tell exchanges, so the run keeps that sequence as JSON (``state.py``) and :meth:`CMAOptimizer.replay`
+rebuilds the strategy by repeating it, checking that every replayed ``ask`` returns the logged candidates bit for bit.
 
 CMA-ES minimises; rewards are maximised. :func:`reward_to_loss` is the one place where a reward is negated.
 """
@@ -12,9 +16,7 @@ CMA-ES minimises; rewards are maximised. :func:`reward_to_loss` is the one place
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-import pickle
 import warnings
 from typing import Iterator, Sequence
 
@@ -35,6 +37,7 @@ def reward_to_loss(rewards: Sequence[float]) -> tuple[np.ndarray, int]:
     if bad:
         good = losses[finite]
         worst = float(good.max() + (good.max() - good.min()) + 1.0) if good.size else 0.0
+        worst = min(worst, float(np.finfo(np.float64).max))  # finite even for rewards near ±1e308 (JSON log)
         losses = np.where(finite, losses, worst)
     return losses, bad
 
@@ -88,6 +91,7 @@ class CMAOptimizer:
             self._es = cma.CMAEvolutionStrategy(x0, float(sigma0), opts)
             self._es.inject([x0], force=True)  # x0 is evaluated in generation 1, as in the reference
         self._asked: list[np.ndarray] | None = None
+        self._told: tuple[list[np.ndarray], list[float]] | None = None
 
     @property
     def popsize(self) -> int:
@@ -122,27 +126,42 @@ class CMAOptimizer:
             raise ValueError(f"Calibri: tell() got {len(losses)} losses for {len(self._asked)} candidates.")
         with _numpy_global_state(self._rng):
             self._es.tell([x.copy() for x in self._asked], [float(v) for v in losses])
+        self._told = (self._asked, [float(v) for v in losses])
         self._asked = None
 
-    # Resume: the strategy (and its private RNG) is pickled, only into the user's own run dir, with a checksum.
-    def dumps(self) -> bytes:
-        if self._asked is not None:
-            raise RuntimeError("Calibri: cannot checkpoint between ask() and tell().")
-        return pickle.dumps({"es": self._es, "rng": self._rng}, protocol=4)
+    def exchange(self) -> dict:
+        """The last ask/tell exchange as JSON-ready lists ({"candidates", "losses"}): what :meth:`replay` needs."""
+        if self._told is None:
+            raise RuntimeError("Calibri: exchange() before the first tell().")
+        candidates, losses = self._told
+        return {"candidates": [x.tolist() for x in candidates], "losses": [float(v) for v in losses]}
 
     @classmethod
-    def loads(cls, data: bytes, sha256: str) -> "CMAOptimizer":
-        """Unpickle a checkpoint written by :meth:`dumps` after checking its SHA-256 against ``sha256``."""
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != sha256:
-            raise ValueError(f"Calibri: the optimiser checkpoint's SHA-256 is {digest}, but the run state expects "
-                             f"{sha256}; the file was changed or damaged, so it is not loaded. Restart the run.")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import cma  # noqa: F401  (the pickle refers to cma classes)
-        payload = pickle.loads(data)
-        self = cls.__new__(cls)
-        self._es = payload["es"]
-        self._rng = payload["rng"]
-        self._asked = None
+    def replay(cls, x0: Sequence[float], sigma0: float, lower: Sequence[float], upper: Sequence[float],
+               popsize: int | None, seed: int, exchanges: Sequence[dict]) -> "CMAOptimizer":
+        """The optimiser after ``exchanges`` (from :meth:`exchange`, one per generation), rebuilt by repeating them.
+
+        Each generation repeats what the search loop does: ask, tell the logged losses, check the stop criteria
+        (pycma evaluates them once per iteration). Raises :class:`ReplayMismatch` at the first generation whose
+        replayed candidates differ from the logged ones in any bit (another pycma or NumPy version, other numerics,
+        or an edited log), so a run is never continued from a state it was not in.
+        """
+        self = cls(x0, sigma0, lower, upper, popsize, seed)
+        for g, record in enumerate(exchanges, start=1):
+            asked = np.array(self.ask(), dtype=np.float64)
+            logged = np.asarray(record["candidates"], dtype=np.float64)
+            if asked.shape != logged.shape or asked.tobytes() != logged.tobytes():
+                diff = (f"max |difference| {float(np.abs(asked - logged).max()):.3g}" if asked.shape == logged.shape
+                        else f"shape {logged.shape} logged, {asked.shape} replayed")
+                raise ReplayMismatch(g, diff)
+            self.tell(record["losses"])
+            self.stop_reasons()
         return self
+
+
+class ReplayMismatch(ValueError):
+    """Replaying the logged exchanges did not reproduce the logged candidates (see :meth:`CMAOptimizer.replay`)."""
+
+    def __init__(self, generation: int, detail: str):
+        super().__init__(f"replaying the optimiser log gave other candidates at generation {generation} ({detail})")
+        self.generation = generation

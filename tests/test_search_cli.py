@@ -27,9 +27,9 @@ from calibri_core import comfy_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = ("calibri-best.safetensors", "calibri-last-mean.safetensors")
-# The run dir as the README lists it (optimizer-*.pkl is checked by prefix).
+# The run dir as the README lists it.
 RUN_DIR_FILES = PRESETS + ("generations.jsonl", "plot_train.png", "plot_validation.png", "plot_sigma.png",
-                           "plot_scales.png", "grid_validation.png", "config.json", "state.json")
+                           "plot_scales.png", "grid_validation.png", "config.json", "state.json", "optimizer.jsonl")
 GENERATIONS = 2
 TIMEOUT_S = 240
 # Passed on to the child so it finds the same host and behaves like a user's shell; nothing else is.
@@ -126,7 +126,7 @@ def test_run_writes_the_run_dir(files, reference):
     run_dir = reference.run_dir
     missing = [name for name in RUN_DIR_FILES if not (run_dir / name).is_file()]
     assert not missing, f"run dir lacks {missing}: {sorted(os.listdir(run_dir))}"
-    assert any(name.startswith("optimizer-") and name.endswith(".pkl") for name in os.listdir(run_dir))
+    assert not any(name.endswith(".pkl") for name in os.listdir(run_dir))
     assert [r["generation"] for r in _log(run_dir)] == list(range(1, GENERATIONS + 1))
     state = json.loads((run_dir / "state.json").read_text())
     assert state["generation"] == GENERATIONS and state["finished"]

@@ -106,17 +106,22 @@ def test_in_process_resume_matches(tmp_path):
     assert _outputs(tmp_path / "part") == _outputs(os.path.dirname(ref.best_preset))
 
 
-def test_tampered_optimizer_checkpoint_is_refused(tmp_path):
+def test_edited_optimizer_log_is_refused(tmp_path):
+    """The optimiser is replayed from optimizer.jsonl (no pickle); a candidate changed by one ulp is found."""
+    import numpy as np
+
     from search.config import load_config
     from search.loop import run_search
+    from search.state import RunStateError
 
     cfg = raw_config(tmp_path, generations=4)
     run_search(cfg, max_generations=2)
-    run_dir = tmp_path / "run"
-    pkl = next(p for p in os.listdir(run_dir) if p.endswith(".pkl"))
-    with open(run_dir / pkl, "ab") as f:
-        f.write(b"x")
-    with pytest.raises(ValueError, match="SHA-256"):
+    log = tmp_path / "run" / "optimizer.jsonl"
+    lines = log.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["candidates"][3][1] = float(np.nextafter(record["candidates"][3][1], 0.0))
+    log.write_text("\n".join([json.dumps(record)] + lines[1:]) + "\n")
+    with pytest.raises(RunStateError, match="other candidates at generation 1"):
         run_search(load_config(None, raw=cfg), resume=True)
 
 
