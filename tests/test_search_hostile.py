@@ -390,3 +390,49 @@ def test_pack_size_is_recorded_and_reused_on_resume(tmp_path):
     assert starved.batch_size == pack["rows"] == starved.stats["forward_rows"]
     for name in PRESETS:
         assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+class PackingEvaluator:
+    """``python:test_search_hostile:PackingEvaluator``: the quadratic evaluator with the packing attributes of the
+    ComfyUI one (``batch_size``, ``stats["forward_rows"]``, ``_per_row``). With ``batch_size = "auto"`` rank r packs
+    at most 2 + 3 r rows (as ranks with different free memory would); every call's ``batch_size`` is logged."""
+
+    def __init__(self, config):
+        from test_search_loop import QuadraticEvaluator
+
+        self.inner = QuadraticEvaluator(config)
+        self.layout = self.inner.layout
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.batch_size, self.stats, self._per_row = "auto", {}, None
+        self.log = os.path.join(os.environ["CALIBRI_TEST_PACK_LOG"], f"rank{self.rank}.jsonl")
+
+    def evaluate(self, candidates, prompts, seed):
+        rows = len(candidates) * len(prompts)
+        limit = self.batch_size if isinstance(self.batch_size, int) else 2 + 3 * self.rank
+        self.stats["forward_rows"] = max(self.stats.get("forward_rows", 0), min(rows, limit))
+        self._per_row = 1000.0 + self.rank
+        with open(self.log, "a") as f:
+            f.write(json.dumps(self.batch_size) + "\n")
+        return self.inner.evaluate(candidates, prompts, seed)
+
+
+@pytest.mark.slow
+def test_every_rank_packs_with_rank_0s_recorded_size(tmp_path):
+    """Under torchrun the pack size rank 0 measured in generation 1 is recorded and, from generation 2 on, every
+    rank's evaluator uses it (its ``batch_size``), not its own memory budget."""
+    cfg = raw_config(tmp_path, "run", generations=4, val_every=2, popsize=6, bucket_size=2,
+                     evaluator="python:test_search_hostile:PackingEvaluator", candidates_per_call=1)
+    config = tmp_path / "run.toml"
+    config.write_text(to_toml(cfg), encoding="utf-8")
+    env = {**_env(), "CALIBRI_TEST_PACK_LOG": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "search", "--config", str(config), "--no-progress", "--log-level", "WARNING"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    pack = json.loads((tmp_path / "run" / "state.json").read_text())["pack"]
+    assert pack == {"rows": 2, "per_row_bytes": 1000.0}  # rank 0's: 2 rows (rank 1 alone would pack 5)
+    for rank in (0, 1):
+        sizes = [json.loads(line) for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()]
+        first = sizes.index(2)  # generation 1 ran on each rank's own budget ("auto")
+        assert first > 0 and set(sizes[:first]) == {"auto"} and set(sizes[first:]) == {2}, (rank, sizes)
+        assert len(sizes) - first >= 3 * 3, (rank, sizes)  # generations 2-4: 3 candidates a rank each
