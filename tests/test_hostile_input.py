@@ -72,8 +72,8 @@ def refusal(code: str) -> str:
 
 def outcomes(setup: str, calls: dict) -> dict:
     """Evaluate each expression of ``calls`` (id → Python expression) after ``setup`` in one bounded subprocess;
-    return id → the ValueError's message, or "ACCEPTED". Cases that would expand a hostile number on a regression
-    run here, never in the test process."""
+    return id → the ValueError's message, "ACCEPTED", or the type and message of any other exception (a case then
+    fails alone). Cases that would expand a hostile number on a regression run here, never in the test process."""
     out = bounded(setup + f"""
 import json
 results = {{}}
@@ -83,6 +83,8 @@ for key, expression in {calls!r}.items():
         results[key] = "ACCEPTED"
     except ValueError as e:
         results[key] = str(e)
+    except Exception as e:  # MemoryError under the limit, RecursionError, ...: the regression this suite catches
+        results[key] = f"{{type(e).__name__}}: {{e}}"[:2000]
 print(json.dumps(results))
 """)
     return json.loads(out)
