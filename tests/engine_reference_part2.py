@@ -27,21 +27,54 @@ def _by_block(gates: list[Gate], scales: dict[int, float]) -> dict[str, dict[tup
     return by_block
 
 
-def chunk_tuple_hooks(module: str, positions: dict[tuple[str, str], int]) -> Callable:
-    """A reference for blocks whose ``module`` (relative to the block) returns the modulation as a tuple of chunks:
-    a forward hook multiplies the gate entry ``positions[(stream, branch)]`` by its scale."""
+def _times(gate: torch.Tensor, s: float) -> torch.Tensor:
+    return gate * s
+
+
+def _tanh_times(gate: torch.Tensor, s: float) -> torch.Tensor:
+    """The pre-tanh gate whose tanh is s·tanh(gate) (the tiny models keep |s·tanh(gate)| < 1)."""
+    return torch.atanh(s * torch.tanh(gate))
+
+
+def chunk_tuple_hooks(where: dict[tuple[str, str], tuple[str, int]], change: Callable = _times) -> Callable:
+    """A reference for blocks whose modulation module returns the chunks as a tuple or list: for each gate,
+    ``where[(stream, branch)]`` = (module inside the block, position of the gate in its result); a forward hook
+    replaces that entry by ``change(entry, scale)`` (s·gate, or for tanh gates the gate whose tanh is s·tanh)."""
 
     def install(dm, gates: list[Gate], scales: dict[int, float]) -> None:
         for block, per_gate in _by_block(gates, scales).items():
-            def hook(mod, args, out, per_gate=per_gate):
-                out = list(out)
-                for key, s in per_gate.items():
-                    out[positions[key]] = out[positions[key]] * s
-                return tuple(out)
+            by_module: dict[str, dict[int, float]] = {}
+            for key, s in per_gate.items():
+                module, position = where[key]
+                by_module.setdefault(module, {})[position] = s
+            for module, positions in by_module.items():
+                def hook(mod, args, out, positions=positions):
+                    out = list(out)
+                    for position, s in positions.items():
+                        out[position] = change(out[position], s)
+                    return tuple(out)
 
-            _get(dm, f"{block}.{module}").register_forward_hook(hook)
+                _get(dm, f"{block}.{module}").register_forward_hook(hook)
 
     return install
+
+
+def _ernie_shared_temb_hooks(dm, gates: list[Gate], scales: dict[int, float]) -> None:
+    """ERNIE-Image: every layer receives the one shared ``temb`` list (shift, scale, gate) × 2; a pre-hook hands the
+    layer a copy with its gates (entries 2 and 5) multiplied."""
+    position = {"attn": 2, "mlp": 5}
+    for block, per_gate in _by_block(gates, scales).items():
+        def pre_hook(mod, args, kwargs, per_gate=per_gate):
+            args = list(args)
+            temb = list(kwargs["temb"] if "temb" in kwargs else args[2])
+            for (_, branch), s in per_gate.items():
+                temb[position[branch]] = temb[position[branch]] * s
+            if "temb" in kwargs:
+                return tuple(args), dict(kwargs, temb=temb)
+            args[2] = temb
+            return tuple(args), kwargs
+
+        _get(dm, block).register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
 def _ltxv_timestep_hooks(dm, gates: list[Gate], scales: dict[int, float]) -> None:
@@ -123,5 +156,15 @@ REFERENCES_PART2 = {
     "minimax_h3": _fold_gate_rows,
     "ltxav": _ltxav_ada_value_hooks,
     "ltxv": _ltxv_timestep_hooks,
-    "krea2": chunk_tuple_hooks("mod", {("", "attn"): 2, ("", "mlp"): 5}),  # (pre-/post-) scale, shift, gate
+    "krea2": chunk_tuple_hooks({("", "attn"): ("mod", 2), ("", "mlp"): ("mod", 5)}),  # (pre-/post-) scale, shift, gate
+    "joyimage": chunk_tuple_hooks({(stream, branch): (f"{stream}_mod", position) for stream in ("img", "txt")
+                                   for branch, position in (("attn", 2), ("mlp", 5))}),
+    "ernie_image": _ernie_shared_temb_hooks,
+    # LuminaRMSNormZero returns (normed x, gate_msa, scale_mlp, gate_mlp); Boogu's double blocks read the image
+    # self-attention's gate from img_norm3
+    "omnigen2": chunk_tuple_hooks({("", "attn"): ("norm1", 1), ("", "mlp"): ("norm1", 3)}, _tanh_times),
+    "boogu": chunk_tuple_hooks({("", "attn"): ("norm1", 1), ("", "mlp"): ("norm1", 3),
+                                ("img", "attn"): ("img_norm1", 1), ("img", "self_attn"): ("img_norm3", 1),
+                                ("img", "mlp"): ("img_norm1", 3), ("instruct", "attn"): ("instruct_norm1", 1),
+                                ("instruct", "mlp"): ("instruct_norm1", 3)}, _tanh_times),
 }

@@ -16,11 +16,28 @@ _COSMOS_TINY = dict(image_model="cosmos_predict2", max_img_h=240, max_img_w=240,
                     out_channels=16, patch_spatial=2, patch_temporal=1, concat_padding_mask=True, model_channels=64,
                     num_blocks=2, num_heads=4, crossattn_emb_channels=32, pos_emb_cls="rope3d",
                     pos_emb_learnable=True, use_adaln_lora=True, adaln_lora_dim=16)
+_OMNIGEN2_TINY = dict(patch_size=2, in_channels=16, hidden_size=64, num_layers=2, num_refiner_layers=1,
+                      num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 6, 6),
+                      axes_lens=(300, 512, 512))
 
 SPECS_PART2 = {
     # adaLN-LoRA on, as comfy/model_detection.py sets for every released checkpoint
     "cosmos_predict2": TinySpec("CosmosT2IPredict2", _COSMOS_TINY, (16, 1, 8, 8), (5, 32)),
     "anima": TinySpec("Anima", dict(_COSMOS_TINY, image_model="anima"), (16, 1, 8, 8), (5, 32)),
+    # one reference image, so that the ref_image_refiner's gated blocks run too
+    "omnigen2": TinySpec("Omnigen2", dict(_OMNIGEN2_TINY, image_model="omnigen2", text_feat_dim=32), (16, 8, 8),
+                         (5, 32), text_mask=True, reference_latents=1),
+    "boogu": TinySpec("Boogu", dict(_OMNIGEN2_TINY, image_model="boogu", num_layers=2, num_double_stream_layers=1,
+                                    instruction_feat_dim=32), (16, 8, 8), (5, 32), text_mask=True,
+                      reference_latents=1),
+    "ernie_image": TinySpec("ErnieImage", dict(image_model="ernie", hidden_size=128, num_attention_heads=8, num_layers=2,
+                                               ffn_hidden_size=512, in_channels=128, out_channels=128, patch_size=1,
+                                               text_in_dim=32, rope_axes_dim=(4, 6, 6)),
+                            (128, 4, 4), (5, 32)),
+    # head width 128: JoyImage's config fixes rope_dim_list = [16, 56, 56]
+    "joyimage": TinySpec("JoyImage", dict(image_model="joyimage", hidden_size=256, num_attention_heads=2, text_dim=32,
+                                          num_layers=2, in_channels=16, patch_size=[1, 2, 2]),
+                         (16, 1, 8, 8), (5, 32)),
     "ltxv": TinySpec("LTXV", _LTXV_TINY, (128, 2, 4, 4), (5, 32), text_mask=True),
     # LTX-2.3's gated text cross-attention (ComfyUI >= 0.4: cross_attention_adaln from the checkpoint's config)
     "ltxv_adaln": TinySpec("LTXV", dict(_LTXV_TINY, cross_attention_adaln=True), (128, 2, 4, 4), (5, 32),
