@@ -30,9 +30,9 @@ SPECS_PART2 = {
     "boogu": TinySpec("Boogu", dict(_OMNIGEN2_TINY, image_model="boogu", num_layers=2, num_double_stream_layers=1,
                                     instruction_feat_dim=32), (16, 8, 8), (5, 32), text_mask=True,
                       reference_latents=1),
-    "ernie_image": TinySpec("ErnieImage", dict(image_model="ernie", hidden_size=128, num_attention_heads=8, num_layers=2,
-                                               ffn_hidden_size=512, in_channels=128, out_channels=128, patch_size=1,
-                                               text_in_dim=32, rope_axes_dim=(4, 6, 6)),
+    "ernie_image": TinySpec("ErnieImage", dict(image_model="ernie", hidden_size=128, num_attention_heads=8,
+                                               num_layers=2, ffn_hidden_size=512, in_channels=128, out_channels=128,
+                                               patch_size=1, text_in_dim=32, rope_axes_dim=(4, 6, 6)),
                             (128, 4, 4), (5, 32)),
     # head width 128: JoyImage's config fixes rope_dim_list = [16, 56, 56]
     "joyimage": TinySpec("JoyImage", dict(image_model="joyimage", hidden_size=256, num_attention_heads=2, text_dim=32,
