@@ -156,3 +156,51 @@ def test_hunyuan_video_guiding_frame_rows_carry_their_calibrations():
     rows = torch.tensor([[0.4 + 0.1 * (i % 12) for i in range(len(layout.gates))],
                          [1.5 - 0.1 * (i % 9) for i in range(len(layout.gates))]])
     assert_rows_carry_their_calibrations(patcher, rows, x, positive)
+
+
+TEMPLATES = {  # family → the ComfyUI workflow template its sampling defaults come from
+    "hidream": "hidream_i1_full.json", "hunyuan_video": "hunyuan_video_text_to_video.json",
+    "hunyuan_video15": "video_hunyuan_video_1.5_720p_t2v.json", "kandinsky5": "video_kandinsky5_t2v.json",
+    "kandinsky5_image": "image_kandinsky5_t2i.json", "mage_flow": "image_mage_flow_t2i_int8.json",
+    "lens": "image_lens_t2i.json",
+}
+_CFG_WIDGET = {"KSampler": 3, "SamplerCustom": 3, "CFGGuider": 0}  # where each node keeps its cfg
+
+
+def _template_settings(name: str) -> dict[str, set]:
+    import json
+    from importlib import resources
+
+    try:
+        files = resources.files("comfyui_workflow_templates_json") / "templates"
+    except ModuleNotFoundError:
+        pytest.skip("this host has no comfyui_workflow_templates_json package (ComfyUI's templates)")
+    graph = json.loads((files / name).read_text(encoding="utf-8"))
+    nodes = graph.get("nodes", []) + [n for sub in graph.get("definitions", {}).get("subgraphs", [])
+                                      for n in sub.get("nodes", [])]
+    found: dict[str, set] = {"cfg": set(), "guidance": set(), "ModelSamplingSD3": set()}
+    for node in nodes:
+        kind, values = node.get("type"), node.get("widgets_values") or []
+        if kind in _CFG_WIDGET:
+            found["cfg"].add(float(values[_CFG_WIDGET[kind]]))
+        elif kind == "FluxGuidance":
+            found["guidance"].add(float(values[0]))
+        elif kind == "ModelSamplingSD3":
+            found["ModelSamplingSD3"].add(round(float(values[0]), 6))
+    return found
+
+
+@pytest.mark.parametrize("family", sorted(TEMPLATES))
+def test_sampling_defaults_are_the_templates(family):
+    """The cfg / guidance / shift a search samples with by default are those of the family's ComfyUI template."""
+    from calibri_core.families import get_family
+
+    table = get_family(family)
+    found = _template_settings(TEMPLATES[family])
+    assert table.cfg in found["cfg"] if table.cfg is not None else found["cfg"] <= {1.0}
+    assert table.guidance in found["guidance"] if table.guidance is not None else not found["guidance"]
+    if table.schedule is not None:
+        assert table.schedule.source == TEMPLATES[family]
+        assert table.schedule.inputs["shift"] in found[table.schedule.node_name]
+    else:
+        assert not found["ModelSamplingSD3"], "the template sets a shift the table does not"

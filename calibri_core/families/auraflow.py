@@ -33,4 +33,5 @@ FAMILY = Family(
     read_counts=read_counts,
     gates=gates,
     dit_blocks={"double_block": "double_layers", "single_block": "single_layers"},
+    clip_type="STABLE_DIFFUSION",  # ComfyUI's load_clip recognises AuraFlow's Pile-T5 by its weights, whatever the type
 )

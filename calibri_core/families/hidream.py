@@ -9,7 +9,7 @@ model does not honour ComfyUI's ``patches_replace["dit"]``.
 """
 
 from ..sites import Gate
-from .table import Family, KnownModel, stream_gates
+from .table import Family, KnownModel, fixed_shift, stream_gates
 
 MODULATION = "block.adaLN_modulation.1"
 DOUBLE_GATES = {("img", "attn"): 2, ("img", "mlp"): 5, ("txt", "attn"): 8, ("txt", "mlp"): 11}
@@ -36,6 +36,10 @@ FAMILY = Family(
     read_counts=read_counts,
     gates=gates,
     clip_type="HIDREAM",
+    # ComfyUI's template hidream_i1_full.json: KSampler cfg 5, ModelSamplingSD3 3 (the distilled Dev / Fast templates
+    # sample at cfg 1, shift 6 / 3). HiDream's own model_sampling has shift 1 (supported_models sets it twice).
+    cfg=5.0,
+    schedule=fixed_shift("ModelSamplingSD3", 3.0, "hidream_i1_full.json"),
     # comfy/model_detection.py sets num_layers 16 and num_single_layers 32 for every HiDream checkpoint
     models={"hidream-i1": KnownModel("HiDream-I1", {"double_stream_blocks": 16, "single_stream_blocks": 32})},
 )

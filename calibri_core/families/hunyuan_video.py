@@ -14,7 +14,7 @@ blocks (HunyuanVideo 1.5), the text tokens leaving the last double block are dro
 
 from ..sites import Gate
 from . import flux
-from .table import Family, stream_gates
+from .table import Family, fixed_shift, stream_gates
 
 REFINER = "txt_in.individual_token_refiner.blocks"
 REFINER_BRANCHES = {"attn": ("adaLN_modulation.1", 0, 2), "mlp": ("adaLN_modulation.1", 1, 2)}
@@ -46,12 +46,17 @@ _CLASSES = ("comfy.ldm.hunyuan_video.model.HunyuanVideo",)
 _DIT_BLOCKS = {"double_block": "double_blocks", "single_block": "single_blocks"}
 
 
-def _family(name: str, title: str, generation: str, clip_type: str) -> Family:
+def _family(name: str, title: str, generation: str, clip_type: str, **defaults) -> Family:
     return Family(name=name, title=title, classes=_CLASSES, accepts=lambda dm: _generation(dm) == generation,
                   read_counts=read_counts, gates=gates, discarded=discarded, dit_blocks=_DIT_BLOCKS,
-                  clip_type=clip_type)
+                  clip_type=clip_type, **defaults)
 
 
-HUNYUAN_VIDEO = _family("hunyuan_video", "HunyuanVideo (T2V / I2V / SkyReels)", "1.0", "HUNYUAN_VIDEO")
-HUNYUAN_VIDEO_15 = _family("hunyuan_video15", "HunyuanVideo 1.5", "1.5", "HUNYUAN_VIDEO_15")
+# Sampling defaults from ComfyUI's workflow templates: hunyuan_video_text_to_video.json (BasicGuider, FluxGuidance 6,
+# ModelSamplingSD3 7); video_hunyuan_video_1.5_720p_t2v.json (first pass: CFGGuider 6, ModelSamplingSD3 7). No
+# template ships HunyuanImage 2.1.
+HUNYUAN_VIDEO = _family("hunyuan_video", "HunyuanVideo (T2V / I2V / SkyReels)", "1.0", "HUNYUAN_VIDEO", guidance=6.0,
+                        schedule=fixed_shift("ModelSamplingSD3", 7.0, "hunyuan_video_text_to_video.json"))
+HUNYUAN_VIDEO_15 = _family("hunyuan_video15", "HunyuanVideo 1.5", "1.5", "HUNYUAN_VIDEO_15", cfg=6.0,
+                           schedule=fixed_shift("ModelSamplingSD3", 7.0, "video_hunyuan_video_1.5_720p_t2v.json"))
 HUNYUAN_IMAGE_21 = _family("hunyuan_image21", "HunyuanImage 2.1 (and refiner)", "image2.1", "HUNYUAN_IMAGE")

@@ -11,7 +11,7 @@ channels × the 2×2 patch, no concatenated image and mask).
 """
 
 from ..sites import Gate
-from .table import Family, stream_gates
+from .table import Family, fixed_shift, stream_gates
 
 TEXT_BRANCHES = {"attn": ("text_modulation.out_layer", 2, 6), "mlp": ("text_modulation.out_layer", 5, 6)}
 VISUAL_BRANCHES = {"attn": ("visual_modulation.out_layer", 2, 9), "cross_attn": ("visual_modulation.out_layer", 5, 9),
@@ -41,6 +41,10 @@ _DIT_BLOCKS = {"double_block": "visual_transformer_blocks"}  # the text blocks i
 
 KANDINSKY5 = Family(name="kandinsky5", title="Kandinsky 5 video (Lite / Pro)", classes=_CLASSES,
                     accepts=lambda dm: not _is_image(dm), read_counts=read_counts, gates=gates,
-                    dit_blocks=_DIT_BLOCKS, clip_type="KANDINSKY5")
+                    dit_blocks=_DIT_BLOCKS, clip_type="KANDINSKY5",
+                    cfg=5.0,  # ComfyUI's template video_kandinsky5_t2v.json: KSampler cfg 5, ModelSamplingSD3 5
+                    schedule=fixed_shift("ModelSamplingSD3", 5.0, "video_kandinsky5_t2v.json"))
 KANDINSKY5_IMAGE = Family(name="kandinsky5_image", title="Kandinsky 5 image", classes=_CLASSES, accepts=_is_image,
-                          read_counts=read_counts, gates=gates, dit_blocks=_DIT_BLOCKS, clip_type="KANDINSKY5_IMAGE")
+                          read_counts=read_counts, gates=gates, dit_blocks=_DIT_BLOCKS, clip_type="KANDINSKY5_IMAGE",
+                          cfg=3.5,  # ComfyUI's template image_kandinsky5_t2i.json: KSampler cfg 3.5, ModelSamplingSD3 3
+                          schedule=fixed_shift("ModelSamplingSD3", 3.0, "image_kandinsky5_t2i.json"))

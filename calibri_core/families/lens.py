@@ -18,4 +18,8 @@ FAMILY = Family(
     dit_blocks={"double_block": "transformer_blocks"},
     discarded=last_block_text,
     clip_type="LENS",
+    # ComfyUI's template image_lens_t2i.json: SamplerCustom cfg 5 (after a CFGNorm patch the search does not add). Its
+    # ModelSamplingFlux is fed a token-count-equivalent width, so the model's own shift (1.829, Lens's mu at 1440²)
+    # is kept rather than the node at the search's image size.
+    cfg=5.0,
 )

@@ -23,4 +23,5 @@ FAMILY = Family(
     dit_blocks={"double_block": "transformer_blocks"},
     discarded=last_block_text,
     clip_type="MAGE",
+    cfg=5.0,  # ComfyUI's template image_mage_flow_t2i_int8.json: KSampler cfg 5, no sampling node (the model's shift 6)
 )
