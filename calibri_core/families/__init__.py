@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..sites import SiteLayout
+from .refused import REASONS
 from .table import Family, KnownModel, stream_gates
 
 __all__ = ["Family", "FAMILIES", "KnownModel", "detect", "get_family", "stream_gates", "supported_families"]
@@ -70,5 +71,8 @@ def detect(diffusion_model: Any) -> tuple[Family, SiteLayout]:
                          f"{' / '.join(dict.fromkeys(f.title for f in bases))} that Calibri has not verified: its "
                          f"blocks may reach the residual some other way and leave a calibration without effect, so "
                          f"it is refused rather than calibrated wrongly. Verified classes: {', '.join(verified)}.")
+    if path in REASONS:
+        raise ValueError(f"Calibri: the connected model ({path}) cannot be calibrated: {REASONS[path]}. "
+                         f"Supported families: {supported_families()}.")
     raise ValueError(f"Calibri: the connected model ({path}) is not a supported DiT. "
                      f"Supported families: {supported_families()}.")
