@@ -115,30 +115,47 @@ def test_zero_gates_equal_comfyui_block_skip(spec_name):
         assert (ours - expected).abs().max() <= 1e-5, block
 
 
-def test_hunyuan_video_guiding_frame_gates_match_reference():
-    """HunyuanVideo I2V's guiding frame gives every modulation Linear a second row per sample ([B, 2, 6D]: first
-    frame, the rest): each gate scales both, exactly as the weight-folded reference does."""
+def _each_gate_matches_reference(spec_name: str, x, positive, watch: str) -> tuple:
+    """Every gate alone at 1.6 moves the prediction and equals the weight-folded reference's; returns the output shape
+    of the module ``watch`` (a path in the diffusion model) as the model ran."""
     from engine_reference import reference_patcher
     from site_checks import one_gate
 
-    patcher = tm.build_patcher("hunyuan_video")
+    patcher = tm.build_patcher(spec_name)
     _, layout = model_layout(patcher)
-    positive = tm.conditioning("hunyuan_video")
-    positive[0][1]["guiding_frame_index"] = 0
-    x = tm.latent("hunyuan_video")
     base = tm.predict(patcher, x, SIGMA, positive)
     seen = {}
-    handle = patcher.model.diffusion_model.double_blocks[0].img_mod.lin.register_forward_hook(
+    handle = patcher.model.diffusion_model.get_submodule(watch).register_forward_hook(
         lambda m, a, out: seen.update(shape=tuple(out.shape)))
     try:
-        for index in range(len(layout.gates)):
+        for index, gate in enumerate(layout.gates):
             ours = tm.predict(apply_calibration(patcher, one_gate(layout, index, 1.6)), x, SIGMA, positive)
-            expected = tm.predict(reference_patcher("hunyuan_video", {index: 1.6}), x, SIGMA, positive)
-            assert not torch.equal(ours, base), layout.gates[index].name("gate")
-            assert (ours - expected).abs().max() <= 1e-5, layout.gates[index].name("gate")
+            expected = tm.predict(reference_patcher(spec_name, {index: 1.6}), x, SIGMA, positive)
+            assert not torch.equal(ours, base), gate.name("gate")
+            assert (ours - expected).abs().max() <= 1e-5, gate.name("gate")
     finally:
         handle.remove()
-    assert len(seen["shape"]) == 3 and seen["shape"][1] == 2, "the guiding frame's two modulation rows were used"
+    return seen["shape"]
+
+
+def test_hunyuan_video_guiding_frame_gates_match_reference():
+    """HunyuanVideo I2V's guiding frame gives every modulation Linear a second row per sample ([B, 2, 6D]: first
+    frame, the rest): each gate scales both, exactly as the weight-folded reference does."""
+    positive = tm.conditioning("hunyuan_video")
+    positive[0][1]["guiding_frame_index"] = 0
+    shape = _each_gate_matches_reference("hunyuan_video", tm.latent("hunyuan_video"), positive,
+                                         "double_blocks.0.img_mod.lin")
+    assert len(shape) == 3 and shape[1] == 2, "the guiding frame's two modulation rows were used"
+
+
+def test_hidream_e1_edit_gates_match_reference():
+    """HiDream-E1 is the same class given the source image, concatenated to the latent along its width: the gates
+    are the same chunks and each still equals the reference."""
+    positive = tm.conditioning("hidream")
+    positive[0][1]["concat_latent_image"] = tm.latent("hidream", seed=7)
+    x = tm.latent("hidream")
+    tokens = _each_gate_matches_reference("hidream", x, positive, "x_embedder")[1]
+    assert tokens == 2 * (x.shape[-2] // 2) * (x.shape[-1] // 2), "the source image's tokens joined the latent's"
 
 
 def test_hunyuan_video_guiding_frame_rows_carry_their_calibrations():
