@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 from .calibration import PROMPTS, Calibration, Member
 from .families import KnownModel, get_family
-from .preset import Preset, tool_version
+from .preset import MAX_FILE_BYTES, Preset, parse_small_int, tool_version
 
 Segments = Callable[[dict], list[list[str]]]
 
@@ -180,11 +180,14 @@ def from_reference_vector(vector: Sequence[float], pipeline: str, granularity: s
             raise ValueError(f"Calibri: a {spec.name} ({spec.title}) {granularity} vector has N × ({sites} scales "
                              f"+ 1 ω) entries, i.e. {sites + 1}, {2 * (sites + 1)}, ... for N = 1, 2, ...; got "
                              f"{len(values)}. Check --pipeline and --granularity.")
-    order = reference_order(spec.name, granularity, members, counts)
-    if len(values) != len(order):
+    if not isinstance(members, int) or isinstance(members, bool) or members < 1:
+        raise ValueError(f"Calibri: the number of members must be a positive integer; got {str(members)[:24]}.")
+    # by arithmetic, before reference_order lists members × sites: a hostile shapes["n_models"] is never expanded
+    if len(values) != members * (sites + 1):
         raise ValueError(f"Calibri: a {spec.name} ({spec.title}) {granularity} vector with N = {members} members "
-                         f"must have {len(order)} entries (N × {sites} scales + N ω); got {len(values)}. "
+                         f"must have {members * (sites + 1)} entries (N × {sites} scales + N ω); got {len(values)}. "
                          f"Check --pipeline, --granularity and --members.")
+    order = reference_order(spec.name, granularity, members, counts)
     prompts = tuple(prompts) if prompts is not None else _default_prompts(spec, members)
     if len(prompts) != members:
         raise ValueError(f"Calibri: {len(prompts)} prompts given for {members} members; give one per member.")
@@ -213,6 +216,25 @@ def to_reference_vector(calibration: Calibration, pipeline: str, counts: dict | 
                                                            len(calibration.members), counts)]
 
 
+def _read_checkpoint(path: str):
+    """A reference checkpoint's JSON, refusing what no checkpoint holds before it is parsed or used (issue 10)."""
+    def unreadable(why: str) -> ValueError:
+        return ValueError(f"Calibri: cannot read {path!r} as JSON ({why}); expected a reference "
+                          f"cmaes_step_NNNN.json checkpoint.")
+
+    try:
+        if os.path.getsize(path) > MAX_FILE_BYTES:  # a checkpoint is a few kB of numbers
+            raise unreadable(f"it is larger than {MAX_FILE_BYTES // 2 ** 20} MiB")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f, parse_int=parse_small_int)
+    except RecursionError:
+        raise unreadable("it nests deeper than Python can read") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        if str(e).startswith("Calibri:"):
+            raise
+        raise unreadable(str(e)) from None
+
+
 def import_reference_checkpoint(path: str, pipeline: str, granularity: str, members: int | None = None,
                                 prompts: Sequence[str] | None = None, counts: dict | None = None,
                                 model_name: str | None = None) -> Preset:
@@ -225,15 +247,10 @@ def import_reference_checkpoint(path: str, pipeline: str, granularity: str, memb
             is None the checkpoint's ``shapes["n_models"]`` is used if present, else it is inferred.
         model_name: recorded in the provenance (default the pipeline's model).
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
+    if not os.path.exists(path):
         raise ValueError(f"Calibri: reference checkpoint {path!r} does not exist. Give the path of a "
-                         f"cmaes_step_NNNN.json from the reference's checkpoints/step_N/ folder.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"Calibri: cannot read {path!r} as JSON ({e}); expected a reference "
-                         f"cmaes_step_NNNN.json checkpoint.") from None
+                         f"cmaes_step_NNNN.json from the reference's checkpoints/step_N/ folder.")
+    data = _read_checkpoint(path)
     if not isinstance(data, dict) or not isinstance(data.get("solution"), list):
         raise ValueError(f"Calibri: {path!r} has no 'solution' list; expected a reference cmaes_step_NNNN.json "
                          f"with keys step, train_best, train_mean, val, solution, shapes, sigma, timestamp.")
@@ -243,7 +260,10 @@ def import_reference_checkpoint(path: str, pipeline: str, granularity: str, memb
     shapes = data.get("shapes")
     if members is None and isinstance(shapes, dict) and isinstance(shapes.get("n_models"), int):
         members = shapes["n_models"]
-    calibration = from_reference_vector(solution, pipeline, granularity, members, counts, prompts)
+    try:
+        calibration = from_reference_vector(solution, pipeline, granularity, members, counts, prompts)
+    except ValueError as e:  # name the file: a CLI user or CalibriLoadPreset may be reading several
+        raise ValueError(f"Calibri: {path!r}: {str(e).removeprefix('Calibri: ')}") from None
     spec = get_pipeline(pipeline)
     provenance = {
         "source": "reference checkpoint (v-gen-ai/Calibri)",
@@ -298,12 +318,7 @@ def import_reference_for_layout(path: str, layout) -> Preset:
         raise ValueError(f"Calibri: {os.path.basename(path)} is a reference checkpoint, but the reference has no "
                          f"pipeline for the connected model {layout.describe()}; it has "
                          f"{sorted({p.family for p in PIPELINES.values()})}. Connect the model it was searched for.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"Calibri: cannot read {path!r} as JSON ({e}); expected a reference "
-                         f"cmaes_step_NNNN.json checkpoint.") from None
+    data = _read_checkpoint(path)
     solution = data.get("solution") if isinstance(data, dict) else None
     if not isinstance(solution, list):
         raise ValueError(f"Calibri: {path!r} has no 'solution' list; expected a reference cmaes_step_NNNN.json.")

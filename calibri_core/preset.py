@@ -238,11 +238,11 @@ def load_preset(path: str | os.PathLike) -> Preset:
         raise bad(f"has no {METADATA_KEY!r} metadata, so it is not a Calibri preset (a model or LoRA file?). "
                   f"Metadata keys found: {sorted(header)}.")
     try:
-        meta = json.loads(header[METADATA_KEY], parse_int=_small_int)
+        meta = json.loads(header[METADATA_KEY], parse_int=parse_small_int)
     except RecursionError:
         raise bad(f"its {METADATA_KEY!r} metadata nests deeper than Python can read; the file is damaged or not "
                   f"made by Calibri, re-save it.") from None
-    except ValueError as e:  # JSONDecodeError, and integers of more digits than _small_int reads
+    except ValueError as e:  # JSONDecodeError, and integers of more digits than parse_small_int reads
         raise bad(f"its {METADATA_KEY!r} metadata is not valid JSON ({e}); the file is damaged, re-save it.") from None
     if not isinstance(meta, dict):
         raise bad(f"its {METADATA_KEY!r} metadata must be a JSON object; got {type(meta).__name__}.")
@@ -298,7 +298,7 @@ def load_preset(path: str | os.PathLike) -> Preset:
         raise bad(str(e).removeprefix("Calibri: ")) from None
 
 
-def _small_int(text: str) -> int:
+def parse_small_int(text: str) -> int:
     """JSON integers as ``int``, refusing the long ones: int() of a 5,000-digit string fails without naming why."""
     if len(text.lstrip("-")) > 30:
         raise ValueError(f"an integer of {len(text.lstrip('-'))} digits ({text[:12]}...) is larger than any value a "

@@ -271,6 +271,35 @@ def test_a_lone_surrogate_is_a_clear_error_before_saving(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+CHECKPOINTS = {  # hostile reference checkpoints (cmaes_step_NNNN.json): id → (file text, expected refusal)
+    "nested-50000": ('{"solution": ' + "[" * 50000 + "]" * 50000 + "}", r"nests deeper than Python can read"),
+    "int-5000-digits": ('{"solution": [1], "step": ' + "7" * 5000 + "}", r"an integer of 5000 digits"),
+    "members-1e20": (json.dumps({"solution": [1.0] * 58, "shapes": {"n_models": 10 ** 20}}),
+                     r"N = 100000000000000000000 members must have 5800000000000000000000 entries"),
+    "scale-1e300": (json.dumps({"solution": [1e300] * 58}), r"is 1e\+300, outside \[-1000, 1000\]"),
+    "not-utf8": ("\udcff", r"cannot read .* as JSON"),
+    "not-json": ("{solution: [1, 2", r"cannot read .* as JSON"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_outcomes(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("checkpoints")
+    paths = {}
+    for case, (text, _) in CHECKPOINTS.items():
+        paths[case] = folder / f"cmaes_step_{len(paths):04d}.json"
+        paths[case].write_bytes(text.encode("utf-8", "surrogateescape"))
+    return outcomes("from calibri_core.layouts import import_reference_checkpoint\n",
+                    {case: f"import_reference_checkpoint({str(path)!r}, 'flux', 'block')"
+                     for case, path in paths.items()})
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINTS))
+def test_hostile_reference_checkpoints_are_refused(checkpoint_outcomes, case):
+    message = checkpoint_outcomes[case]
+    assert message.startswith("Calibri:") and re.search(CHECKPOINTS[case][1], message), message
+
+
 # ---------------------------------------------------------------- nothing lost: names and overwrite
 
 def test_overwrite_must_be_a_real_boolean(tmp_path):

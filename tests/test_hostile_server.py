@@ -144,6 +144,30 @@ def test_hostile_preset_file(server, baseline, base_preset, case, make, expect):
         path.unlink()
 
 
+@pytest.mark.parametrize("text, expect", [
+    ('{"solution": ' + "[" * 50000 + "]" * 50000 + "}", r"nests deeper than Python can read"),
+    ('{"solution": [1], "step": ' + "7" * 5000 + "}", r"an integer of 5000 digits"),
+    (json.dumps({"solution": [1.0] * 8, "shapes": {"n_models": 10 ** 20}}), r"fit no granularity"),
+    ("scale-1e300", r"is 1e\+300, outside \[-1000, 1000\]"),
+], ids=["nested-50000", "int-5000-digits", "members-1e20", "scale-1e300"])
+def test_hostile_reference_checkpoint(server, baseline, base_preset, text, expect):
+    """cmaes_step_NNNN.json files in models/calibri load through CalibriLoadPreset with the model connected."""
+    if text == "scale-1e300":  # a vector of the right length for the server's model (gate sites + ω), all 1e300
+        from calibri_core.families import get_family
+
+        sites = get_family("sd3").layout(base_preset[0]["counts"]).site_names("gate")
+        text = json.dumps({"solution": [1e300] * (len(sites) + 1)})
+    path = server.models / "calibri" / "cmaes_step_0666.json"
+    path.write_text(text)
+    try:
+        p = Prompt()
+        loaded = p.add("CalibriLoadPreset", preset=path.name, model=p.model)
+        message = check_case(server, baseline, _apply(p, loaded), expect, {"CalibriLoadPreset"})
+        assert path.name in message, message
+    finally:
+        path.unlink()
+
+
 def test_wrong_family_preset(server, baseline):
     p = Prompt()
     flux = p.add("CalibriLoadPreset", preset="flux1-dev-slg-defaults.safetensors")
