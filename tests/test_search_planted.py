@@ -20,8 +20,10 @@ from search.loop import run_search
 from search.models import HashTextEncoder, ModelBundle
 from search.rewards import build_rewards
 
-HIDDEN = (1.4, 1.0, 0.6, 1.0)  # block scales: FLUX double_blocks.0, .1, single_blocks.0, .1 (AuraFlow: *_layers)
-FAMILIES = ("flux", "auraflow")  # tiny specs with 4 blocks; AuraFlow (issue 11, part 1) on both hosts
+HIDDEN = (1.4, 1.0, 0.6, 1.0)  # block scales: FLUX double_blocks.0, .1, single_blocks.0, .1 (AuraFlow: *_layers;
+#                                Krea 2: blocks.0-3)
+FAMILIES = ("flux", "auraflow", "krea2")  # AuraFlow (issue 11, part 1) on both hosts; Krea 2 (part 2) on 0.33
+FOUR_BLOCKS = {"krea2": {"layers": 4}}  # model kwargs that give a family's tiny spec 4 blocks
 PROMPTS = ["a red cube", "a green tree by a lake", "two birds"]
 SEED = 5
 GENERATIONS = 60
@@ -31,7 +33,8 @@ TOLERANCE = 0.05  # |found − hidden| per scale and for ω
 
 def _evaluator(family, reward=None):
     spec = SPECS[family]
-    bundle = ModelBundle(build_patcher(family), HashTextEncoder(spec.context[0], spec.context[1], spec.pooled),
+    bundle = ModelBundle(build_patcher(family, **FOUR_BLOCKS.get(family, {})),
+                         HashTextEncoder(spec.context[0], spec.context[1], spec.pooled),
                          name=f"tiny-{family}")
     return Evaluator(bundle, reward, steps=4, latent_shape=spec.latent)
 
