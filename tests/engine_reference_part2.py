@@ -151,7 +151,22 @@ def _cosmos_modulation_hooks(dm, gates: list[Gate], scales: dict[int, float]) ->
             getattr(module, f"adaln_modulation_{branch}").register_forward_hook(hook)
 
 
+def _ideogram4_tanh_hooks(dm, gates: list[Gate], scales: dict[int, float]) -> None:
+    """Ideogram 4: a hook on each block's ``adaln_modulation`` output (scale, gate, scale, gate) replaces a gate g by
+    atanh(s·tanh(g)), so that the post-tanh gate is s·tanh(g)."""
+    position = {"attn": 1, "mlp": 3}
+    for block, per_gate in _by_block(gates, scales).items():
+        def hook(mod, args, out, per_gate=per_gate):
+            chunks = list(out.chunk(4, dim=-1))
+            for (_, branch), s in per_gate.items():
+                chunks[position[branch]] = _tanh_times(chunks[position[branch]], s)
+            return torch.cat(chunks, dim=-1)
+
+        _get(dm, f"{block}.adaln_modulation").register_forward_hook(hook)
+
+
 REFERENCES_PART2 = {
+    "ideogram4": _ideogram4_tanh_hooks,
     "cosmos_predict2": _cosmos_modulation_hooks, "anima": _cosmos_modulation_hooks,
     "minimax_h3": _fold_gate_rows,
     "ltxav": _ltxav_ada_value_hooks,

@@ -36,6 +36,7 @@ class TinySpec:
     reference_latents: int = 0        # edit models: how many reference latents (the latent's shape) to condition on
     reference_method: str = ""        # reference_latents_method put in the conditioning ("" = the model's default)
     needs: tuple = ()                 # ("module.Class", "kwarg"): skip on hosts whose class lacks that kwarg
+    repin: tuple = ()                 # model kwargs the config's unet_extra_config pins to full size, set anyway
     extra_conditioning: dict | None = None  # conditioning key → per-row shape of a random tensor the model also reads
     weight_scale: float = 0.05        # std of the random weights (larger where a stream's effect would drown in fp32)
 
@@ -144,6 +145,7 @@ def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, 
 
         pytest.skip(f"{family}: this ComfyUI's {spec.needs[0]} has no {spec.needs[1]!r} (added in a later version)")
     config = getattr(supported, spec.config)(host_unet_config(spec, overrides))
+    config.unet_config.update({k: host_unet_config(spec, overrides)[k] for k in spec.repin})
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)

@@ -19,6 +19,9 @@ _COSMOS_TINY = dict(image_model="cosmos_predict2", max_img_h=240, max_img_w=240,
 _OMNIGEN2_TINY = dict(patch_size=2, in_channels=16, hidden_size=64, num_layers=2, num_refiner_layers=1,
                       num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 6, 6),
                       axes_lens=(300, 512, 512))
+_IDEOGRAM4_TINY = dict(image_model="ideogram4", in_channels=128, num_layers=2, num_attention_heads=4,
+                       attention_head_dim=16, intermediate_size=128, adaln_dim=32, llm_features_dim=32,
+                       rope_theta=10000, mrope_section=[2, 3, 3], norm_eps=1e-5)
 
 SPECS_PART2 = {
     # adaLN-LoRA on, as comfy/model_detection.py sets for every released checkpoint
@@ -34,6 +37,9 @@ SPECS_PART2 = {
                                                num_layers=2, ffn_hidden_size=512, in_channels=128, out_channels=128,
                                                patch_size=1, text_in_dim=32, rope_axes_dim=(4, 6, 6)),
                             (128, 4, 4), (5, 32)),
+    # ComfyUI's Ideogram4 config pins the full-size widths (unet_extra_config): repinned to tiny ones
+    "ideogram4": TinySpec("Ideogram4", _IDEOGRAM4_TINY, (128, 4, 4), (5, 32),
+                          repin=tuple(sorted(set(_IDEOGRAM4_TINY) - {"image_model", "in_channels", "num_layers"}))),
     # head width 128: JoyImage's config fixes rope_dim_list = [16, 56, 56]
     "joyimage": TinySpec("JoyImage", dict(image_model="joyimage", hidden_size=256, num_attention_heads=2, text_dim=32,
                                           num_layers=2, in_channels=16, patch_size=[1, 2, 2]),
