@@ -189,6 +189,11 @@ def parse_manual(text: str, layout: SiteLayout, granularity: str = "block") -> C
     set_by: dict[str, Statement] = {}
     weight = 1.0
     blocks = {container: set(indices) for container, indices in _blocks(sites).items()}
+    covering: dict[str, list[str]] = {}  # every name a line may use → the sites it covers (a dict, not a scan per name)
+    for site in sites:
+        parts = site.split(".")
+        for k in range(2, len(parts) + 1):
+            covering.setdefault(".".join(parts[:k]), []).append(site)
     for statement in statements:
         if statement.is_weight:
             weight = statement.value
@@ -202,7 +207,7 @@ def parse_manual(text: str, layout: SiteLayout, granularity: str = "block") -> C
             if missing is not None:  # blocks are numbered 0..n-1, so checking both ends covers the range
                 raise _unknown(statement, f"{statement.container}.{missing}{statement.rest}", sites, granularity)
         for name in statement.names():
-            covered = [s for s in sites if s == name or s.startswith(name + ".")]
+            covered = covering.get(name, ())
             if not covered:
                 raise _unknown(statement, name, sites, granularity)
             for site in covered:
