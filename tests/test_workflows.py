@@ -298,12 +298,14 @@ def to_api(wf: Workflow, object_info: dict) -> dict:
 
 @pytest.mark.server
 def test_plot_workflow_runs_in_the_server(workflow_server):
-    """The plot template needs no model files: queue it as the frontend would and get one chart per member."""
+    """The plot template needs no model files: queue it as the frontend would; each CalibriPlot shows one chart
+    per member."""
     path = WORKFLOW_DIR / "calibri-plot-calibration.json"
     wf = Workflow(path)
     entry = workflow_server.run(to_api(wf, workflow_server.object_info))
     assert entry["status"]["status_str"] == "success", entry["status"]
     shown = {node_id: len(out.get("images", [])) for node_id, out in entry["outputs"].items()}
-    expected = {str(n["id"]): wf.members(wf.source(wf.source(n, "images")[0], "calibration")[0])
-                for n in wf.nodes.values() if n["type"] == "PreviewImage"}
+    # CalibriPlot is an output node that shows its own charts (issue 12), one per member
+    expected = {str(n["id"]): wf.members(wf.source(n, "calibration")[0])
+                for n in wf.nodes.values() if n["type"] == "CalibriPlot"}
     assert shown == expected and all(expected.values()), (shown, expected)
