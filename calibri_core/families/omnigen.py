@@ -13,7 +13,7 @@ MLP per stream, each added through its own tanh gate and RMSNorm: streams ``img`
 """
 
 from ..sites import Gate
-from .table import Family, stream_gates
+from .table import Family, KnownModel, stream_gates
 
 BRANCHES = {"attn": ("norm2", 0, 1), "mlp": ("ffn_norm2", 0, 1)}  # the RMSNorm'd branch outputs
 DOUBLE_STREAM = {"img": {"attn": "img_attn_norm", "self_attn": "img_self_attn_norm", "mlp": "img_ffn_norm2"},
@@ -54,6 +54,8 @@ OMNIGEN2 = Family(
     gates=omnigen2_gates,
     ungated=_UNGATED,
     clip_type="OMNIGEN2",
+    # comfy/model_detection.py sets num_layers 32 and num_refiner_layers 2 for every OmniGen2 checkpoint
+    models={"omnigen2": KnownModel("OmniGen2", {"noise_refiner": 2, "ref_image_refiner": 2, "layers": 32})},
 )
 BOOGU = Family(
     name="boogu",
