@@ -127,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"{len(cal.members)} member(s)\n")
             return 0
         if not os.path.isfile(args.file):
-            parser.error(f"preset file {args.file!r} does not exist.")
+            parser.error(f"preset file {args.file!r} " + ("is a folder, not a file." if os.path.isdir(args.file)
+                                                          else "does not exist."))
         if args.command == "export-json" and args.output:
             _check_output(args.output, args.file, args.overwrite)
             check_name_length(args.output)

@@ -390,6 +390,7 @@ def test_every_cli_refusal_is_one_line_naming_the_file(tmp_path, base):
     assert_refused(cli("export-json", str(bad)), str(bad), "5000 digits")
     assert_refused(cli("inspect", str(tmp_path / "missing.safetensors")), "missing.safetensors", "does not exist")
     assert_refused(cli("inspect"), "the following arguments are required: file", "-h")
+    assert_refused(cli("inspect", str(tmp_path)), str(tmp_path), "is a folder")
     assert_refused(cli("frobnicate"), "invalid choice")
     good = tmp_path / "good.safetensors"
     save_preset(good, good_preset())
