@@ -211,6 +211,11 @@ class Evaluator:
                  rescale: Optional[bool] = None, device: Any = None, schedule: str = "workflow"):
         self.bundle = bundle
         self.family_info, self.layout = model_layout(bundle.model)
+        if self.family_info.audio_video:  # before any sampling: one latent would leave the audio sites without effect
+            raise ValueError(f"Calibri: the search samples one image/video latent, but {self.family_info.title} "
+                             "denoises video and audio together (a nested latent), which the evaluator does not "
+                             "build yet: its audio sites would have no effect. Calibrate it with the nodes "
+                             "(CalibriManual / CalibriApply) instead.")
         self.schedule = SamplingSchedule(bundle.model, self.family_info, schedule, width, height)
         self.model = self.schedule.model
         self.family = self.family_info.name

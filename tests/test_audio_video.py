@@ -220,3 +220,17 @@ def test_ksampler_ensemble_equals_weighted_sum_of_members(spec, patcher):
     model = apply_ensemble(patcher, Calibration(layout.family, "gate", layout.site_names("gate"), members))
     ours = predict(model, x, SIGMA, positive, tm.conditioning(spec, seed=9), cfg=1.0)
     assert (ours - expected).abs().max() <= ATOL
+
+
+def test_search_evaluator_refuses_audio_video_before_sampling(spec, patcher):
+    from search.evaluator import Evaluator
+    from search.models import HashTextEncoder, ModelBundle
+
+    context = tm.SPECS[spec].context
+    bundle = ModelBundle(patcher, HashTextEncoder(context[0], context[1]), name=f"tiny-{spec}")
+    handle = patcher.model.diffusion_model.register_forward_pre_hook(lambda *a: pytest.fail("a forward ran"))
+    try:
+        with pytest.raises(ValueError, match="denoises video and audio together"):
+            Evaluator(bundle, None, steps=2, latent_shape=tm.SPECS[spec].latent)
+    finally:
+        handle.remove()

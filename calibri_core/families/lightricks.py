@@ -70,6 +70,7 @@ LTXAV = Family(
     classes=("comfy.ldm.lightricks.av_model.LTXAVModel",),
     read_counts=read_counts,
     gates=audio_video_gates,
+    audio_video=True,
     ungated=_UNGATED,
     dit_blocks=_DIT_BLOCKS,
     clip_type="LTXV",

@@ -39,6 +39,7 @@ FAMILY = Family(
     gates=gates,
     ungated="the token refiner's blocks add their branches without a gate and are never scaled",
     single_sample_forward=True,
+    audio_video=True,
     # the final layer reads only the audio and video tokens: the last block's text output is thrown away
     discarded=lambda counts: tuple(f"blocks.{counts['blocks'] - 1}.text.{branch}" for branch in BRANCHES),
     clip_type="MINIMAX",

@@ -90,6 +90,8 @@ class Family:
             scales that differ between rows or between calls, which the cache would silently drop.
         single_sample_forward: the model refuses a forward of more than one sample (MiniMax H3 packs its tokens
             without a batch dimension); ensembles run their members one forward each, as with ``low_vram``.
+        audio_video: the model denoises a (video, audio) NestedTensor latent (LTX-2, MiniMax H3); the search's
+            evaluator, which samples one latent, refuses it.
         cfg: the CFG scale of the reference's "cfg case" (calibri-reference.md, "Ensemble"): N = 2 members, member
             1 on the positive prompt and member 2 on the negative one, ω starting at (cfg, 1 − cfg), which is
             ordinary CFG. None where the reference has no cfg case: one positive member with ω 1, sampled at cfg 1.
@@ -142,6 +144,7 @@ class Family:
     discarded: Callable[[dict], tuple[str, ...]] = lambda counts: ()
     row_caches: tuple[str, ...] = ()
     single_sample_forward: bool = False
+    audio_video: bool = False
     cfg: float | None = None
     guidance: float | None = None
     rescale: bool = False
