@@ -92,7 +92,7 @@ def _owns(out: torch.Tensor, args: tuple, kwargs: dict) -> bool:
 
 
 def _scaled_forward(original: Callable, active: _ActiveRows, gates: list[tuple[int, Gate]], module: str,
-                    stacked_copies: bool) -> Callable:
+                    stacked_copies: bool, token_rows: bool = False) -> Callable:
     """Wrap one module's forward so that its gate slices are multiplied by the active row scales.
 
     Where the whole output is the gated branch (``chunks == 1``), a fresh output is multiplied in place: the
@@ -100,9 +100,11 @@ def _scaled_forward(original: Callable, active: _ActiveRows, gates: list[tuple[i
 
     ``stacked_copies``: the family may run this module on k stacked copies of the batch ([rows; rows'], as
     Qwen-Image-Edit-2511's zero-timestep reference half); each copy of a row then takes that row's scales.
+    ``token_rows``: the family may run this module on each sample's L tokens flattened into consecutive rows (B·L
+    rows, as PixelDiT's pixel blocks); each of a sample's rows then takes that sample's scales.
     """
     columns = _DeviceIndex([column for column, _ in gates])
-    chunks = gates[0][1].chunks
+    chunks, groups = gates[0][1].chunks, gates[0][1].groups
     chunk_of = _DeviceIndex([gate.chunk for _, gate in gates])
 
     def build(out: torch.Tensor) -> torch.Tensor:
@@ -110,15 +112,21 @@ def _scaled_forward(original: Callable, active: _ActiveRows, gates: list[tuple[i
         copies, remainder = divmod(out.shape[0], rows.shape[0])
         if stacked_copies and remainder == 0 and copies > 1:
             rows = rows.repeat(copies, 1)
-        if rows.shape[0] not in (1, out.shape[0]):
+        per_sample = token_rows and remainder == 0 and copies > 1 and rows.shape[0] > 1
+        if rows.shape[0] not in (1, out.shape[0]) and not per_sample:
             raise RuntimeError(f"Calibri: {module} produced a batch of {out.shape[0]} rows but {rows.shape[0]} rows "
                                "of scales were supplied; this model changes its batch inside the blocks.")
+        # With token rows a sample's factor row is broadcast over its L rows in forward (out viewed [B, L, ...]),
+        # never materialised B·L times.
+        ndim = out.ndim + 1 if per_sample else out.ndim
         if chunks == 1:  # the whole output is the gated branch (or the gate): one scale per row
-            return rows[:, 0].reshape((-1,) + (1,) * (out.ndim - 1))
+            return rows[:, 0].reshape((-1,) + (1,) * (ndim - 1))
         factor = torch.ones(rows.shape[0], chunks, device=out.device, dtype=out.dtype)
         factor.index_copy_(1, chunk_of.on(out.device), rows)
-        factor = factor.repeat_interleave(out.shape[-1] // chunks, dim=1)
-        return factor.reshape((factor.shape[0],) + (1,) * (out.ndim - 2) + (out.shape[-1],))
+        factor = factor.repeat_interleave(out.shape[-1] // (chunks * groups), dim=1)
+        if groups > 1:  # the same (shift, scale, gate, ...) layout repeated along the last dimension
+            factor = factor.repeat(1, groups)
+        return factor.reshape((factor.shape[0],) + (1,) * (ndim - 2) + (out.shape[-1],))
 
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
         out = original(*args, **kwargs)
@@ -128,9 +136,13 @@ def _scaled_forward(original: Callable, active: _ActiveRows, gates: list[tuple[i
         factor = active.factor(key, lambda: build(out))
         if active.window is not None:  # decided on the device: ×1 (exact) outside the window, no host read
             factor = torch.where(active.window, factor, 1.0)
+        shaped = out
+        if factor.ndim > out.ndim:  # token rows: [B·L, ...] seen as [B, L, ...] against one factor row per sample
+            shaped = out.view((factor.shape[0], -1) + tuple(out.shape[1:]))
         if chunks == 1 and _owns(out, args, kwargs):
-            return out.mul_(factor)
-        return out * factor
+            shaped.mul_(factor)
+            return out
+        return (shaped * factor).view(out.shape)
 
     return forward
 
@@ -207,7 +219,7 @@ def apply_row_scales(model: Any, row_source: RowSource, *, output_weight: Option
     for module, gates in by_module.items():
         key = f"diffusion_model.{module}.forward"
         patched.add_object_patch(key, _scaled_forward(patched.get_model_object(key), active, gates, module,
-                                                      family.stacked_batch_copies))
+                                                      family.stacked_batch_copies, family.token_rows))
 
     def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         # Inside the range or not, on the schedule as this call samples it (shift nodes before or after included),

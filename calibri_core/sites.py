@@ -83,6 +83,8 @@ class Gate:
         module: path of the module whose output is multiplied, relative to the diffusion model.
         chunk: index of the gate among ``chunks`` equal slices of that output's last dimension.
         chunks: 1 when the whole output is the gated branch (or the gate itself).
+        groups: the last dimension holds ``groups`` repeats of the ``chunks`` slices, and the gate is slice ``chunk``
+            of every repeat (PixelDiT's pixel blocks: (shift, scale, gate) for each pixel of a patch, in turn).
     """
 
     block: str
@@ -91,6 +93,7 @@ class Gate:
     module: str
     chunk: int = 0
     chunks: int = 1
+    groups: int = 1
 
     def name(self, granularity: str) -> str:
         if granularity == "gate":

@@ -31,11 +31,12 @@ def _fold_weights(dm, gates: list[Gate], scales: dict[int, float]) -> None:
         for index, s in scales.items():
             gate = gates[index]
             linear = _get(dm, gate.module)
-            width = linear.weight.shape[0] // gate.chunks
-            rows = slice(gate.chunk * width, (gate.chunk + 1) * width)
-            linear.weight[rows] *= s
-            if linear.bias is not None:
-                linear.bias[rows] *= s
+            width = linear.weight.shape[0] // (gate.chunks * gate.groups)
+            for group in range(gate.groups):  # the gate is chunk `chunk` of each of `groups` repeats
+                rows = slice((group * gate.chunks + gate.chunk) * width, (group * gate.chunks + gate.chunk + 1) * width)
+                linear.weight[rows] *= s
+                if linear.bias is not None:
+                    linear.bias[rows] *= s
 
 
 def _scaled_mod(mod, s):

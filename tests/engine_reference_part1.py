@@ -1,9 +1,10 @@
 """Independent references of the issue-11 families (part 1), merged into engine_reference.REFERENCES.
 
 None touches Calibri's mechanism. Families whose gate is a chunk of a per-block Linear (Mage-Flow, Lens, HiDream,
-HunyuanVideo and its token refiner, Kandinsky 5, CogVideoX, AuraFlow) are weight-folded by engine_reference itself
-(``FOLDED_PART1``): the gate rows of that Linear are multiplied. PixArt, whose gate is ``scale_shift_table[k] + t0[k]``
-with a shared ``t0``, gets a pre-hook on each block that rewrites ``t0`` so the gate itself comes out scaled.
+HunyuanVideo and its token refiner, Kandinsky 5, CogVideoX, AuraFlow, PixelDiT with its per-pixel gate rows) are
+weight-folded by engine_reference itself (``FOLDED_PART1``): the gate rows of that Linear are multiplied. PixArt, whose
+gate is ``scale_shift_table[k] + t0[k]`` with a shared ``t0``, gets a pre-hook on each block that rewrites ``t0`` so
+the gate itself comes out scaled.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from calibri_core.sites import Gate
 
 FOLDED_PART1 = ("mage_flow", "lens", "hidream", "hunyuan_video", "hunyuan_video15", "hunyuan_image21", "kandinsky5",
-                "kandinsky5_image", "cogvideox", "cogvideox15", "auraflow")
+                "kandinsky5_image", "cogvideox", "cogvideox15", "auraflow", "pixeldit")
 
 PIXART_CHUNKS = {"attn": 2, "mlp": 5}  # (shift, scale, gate) for self-attention, then for the MLP
 

@@ -179,7 +179,7 @@ TEMPLATES = {  # family → the ComfyUI workflow template its sampling defaults 
     "hidream": "hidream_i1_full.json", "hunyuan_video": "hunyuan_video_text_to_video.json",
     "hunyuan_video15": "video_hunyuan_video_1.5_720p_t2v.json", "kandinsky5": "video_kandinsky5_t2v.json",
     "kandinsky5_image": "image_kandinsky5_t2i.json", "mage_flow": "image_mage_flow_t2i_int8.json",
-    "lens": "image_lens_t2i.json",
+    "lens": "image_lens_t2i.json", "pixeldit": "image_pixeldit_t2i.json",
 }
 _CFG_WIDGET = {"KSampler": 3, "SamplerCustom": 3, "CFGGuider": 0}  # where each node keeps its cfg
 

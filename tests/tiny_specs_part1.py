@@ -72,6 +72,13 @@ SPECS_PART1 = {
     # PixArt's position embedding divides by round((H + W) / 2 / 64): the latent needs (H + W) / 2 >= 33 pixels
     "pixart_alpha": TinySpec("PixArtAlpha", dict(_PIXART, image_model="pixart_alpha", micro_condition=True),
                              (4, 40, 40), (5, 32)),
+    # PixelDiT in pixel space: 4x4-pixel patches (16 pixels modulated one by one in the pixel blocks), 16 patches;
+    # 3 patch blocks so that the middle gate test_engine scales is not the last block's discarded text gate
+    "pixeldit": TinySpec("PixelDiTT2I", dict(image_model="pixeldit_t2i", in_channels=3, num_groups=4, hidden_size=64,
+                                             pixel_hidden_size=8, pixel_attn_hidden_size=32, pixel_num_groups=4,
+                                             patch_depth=3, pixel_depth=2, patch_size=4, txt_embed_dim=32,
+                                             txt_max_length=8),
+                         (3, 16, 16), (5, 32), weight_scale=0.1),
     "pixart_sigma": TinySpec("PixArtSigma", dict(_PIXART, image_model="pixart_sigma", micro_condition=False),
                              (4, 40, 40), (5, 32)),
 }

@@ -27,10 +27,11 @@ def _registry() -> dict[str, Family]:
     from . import cosmos, ernie, ideogram4, joyimage, krea2, lightricks, minimax, omnigen  # issue 11, part 2
     families += [krea2.FAMILY, lightricks.LTXV, lightricks.LTXAV, minimax.FAMILY, cosmos.COSMOS_PREDICT2, cosmos.ANIMA,
                  omnigen.OMNIGEN2, omnigen.BOOGU, ernie.FAMILY, joyimage.FAMILY, ideogram4.FAMILY]
-    from . import auraflow, cogvideox, hidream, hunyuan_video, kandinsky5, lens, mage_flow, pixart  # issue 11, part 1
+    from . import auraflow, cogvideox, hidream, hunyuan_video, kandinsky5, lens, mage_flow, pixart, pixeldit  # part 1
     families += [mage_flow.FAMILY, hidream.FAMILY, kandinsky5.KANDINSKY5, kandinsky5.KANDINSKY5_IMAGE, lens.FAMILY,
                  hunyuan_video.HUNYUAN_VIDEO, hunyuan_video.HUNYUAN_VIDEO_15, hunyuan_video.HUNYUAN_IMAGE_21,
-                 cogvideox.COGVIDEOX, cogvideox.COGVIDEOX_15, auraflow.FAMILY, pixart.PIXART_ALPHA, pixart.PIXART_SIGMA]
+                 cogvideox.COGVIDEOX, cogvideox.COGVIDEOX_15, auraflow.FAMILY, pixart.PIXART_ALPHA, pixart.PIXART_SIGMA,
+                 pixeldit.FAMILY]
     return {f.name: f for f in families}
 
 

@@ -83,6 +83,9 @@ class Family:
             double/single layers use them) → our block containers; empty where the model ignores them.
         stacked_batch_copies: the model may run gate modules on k stacked copies of the batch
             (``cat([t, 0·t])`` timesteps); every copy of a row is scaled like that row.
+        token_rows: the model may run gate modules on each sample's tokens flattened into rows, sample by sample
+            (B·L rows, sample b's being rows b·L to (b+1)·L − 1, as PixelDiT's pixel blocks); each of those rows is
+            scaled like its sample.
         discarded: gate-granularity sites (for given counts) whose branch feeds nothing the model returns, kept
             only so that vectors keep the reference's layout; scaling them alone cannot change the output.
         row_caches: ``transformer_options`` keys of host caches that compute part of the model once, from batch
@@ -141,6 +144,7 @@ class Family:
     ungated: str = ""
     dit_blocks: dict = field(default_factory=dict)
     stacked_batch_copies: bool = False
+    token_rows: bool = False
     discarded: Callable[[dict], tuple[str, ...]] = lambda counts: ()
     row_caches: tuple[str, ...] = ()
     single_sample_forward: bool = False
