@@ -17,5 +17,13 @@ REASONS: dict[str, str] = {
         "to the hidden states, so there is no gated residual branch for Calibri to scale"),
     "comfy.ldm.minimax_music.dit.MiniMaxMusic3DiT": f"MiniMax Music 3's DiT: {_UNGATED}",
     "comfy.ldm.hunyuan3dv2_1.hunyuandit.HunYuanDiTPlain": f"Hunyuan3D 2.1's DiT (HunyuanDiT blocks): {_UNGATED}",
+    # issue 11, part 1
+    "comfy.ldm.hydit.models.HunYuanDiT": (
+        f"HunyuanDiT's blocks modulate only a shift (default_modulation) and {_UNGATED.removeprefix('its blocks ')}"),
+    "comfy.ldm.seedvr.model.NaDiT": (
+        "SeedVR2 gates its branches in place (AdaSingle: hid.mul_(emb chunk + a per-block gate)) with one time "
+        "embedding shared by all blocks, on the tokens of all samples packed into one axis without a batch "
+        "dimension, so there is no module output that holds one sample's gate; it is also a one-step video "
+        "restorer on fixed text embeddings, which leaves a prompt-reward calibration nothing to steer"),
 }
 """Class path (as ``detect`` names it) → why Calibri cannot calibrate it."""
