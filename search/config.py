@@ -231,6 +231,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except ValueError:  # an integer of more digits than Python converts (4300)
+        raise ConfigError(f"Calibri: --set {key.strip()}: the value is an integer of thousands of digits; no config "
+                          f"value is that long.") from None
     except RecursionError:
         raise ConfigError(f"Calibri: --set {key.strip()}: the value is nested too deeply.") from None
     return key.strip(), value
@@ -372,6 +375,9 @@ def validate(data: dict, base_dir: str, check_files: bool = True) -> RunConfig:
                      ("candidates_per_call", 0)):
         if s[key] is not None and s[key] < low:
             raise ConfigError(f"Calibri: search.{key} must be at least {low}; got {s[key]}.")
+    for key in ("seed", "val_seed"):  # pycma's and NumPy's RandomState take 32-bit seeds
+        if not 0 <= s[key] < 2**32:
+            raise ConfigError(f"Calibri: search.{key} must be in 0 .. 2**32 - 1; got {s[key]}.")
     if s["popsize"] == 1:
         raise ConfigError("Calibri: search.popsize must be at least 2 (CMA-ES needs to rank candidates), or 0 for "
                           "the default 4 + 3 ln n.")
@@ -566,6 +572,9 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None, resum
         except UnicodeDecodeError as e:
             raise ConfigError(f"Calibri: config file {path!r} is not UTF-8 text (byte {e.start}); TOML files are "
                               f"UTF-8: save it as UTF-8.") from None
+        except ValueError:  # an integer of more digits than Python converts (4300)
+            raise ConfigError(f"Calibri: config file {path!r} holds an integer of thousands of digits; no config "
+                              f"value is that long.") from None
         except RecursionError:
             raise ConfigError(f"Calibri: config file {path!r} is nested too deeply to be a run config.") from None
         except OSError as e:

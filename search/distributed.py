@@ -1,6 +1,7 @@
 """Sharding the search over processes with torch.distributed (``torchrun --nproc_per_node=K``, multi-node too).
 
-Rank 0 owns the optimiser and every file. For each evaluation it sends the candidates, the prompts and the seed;
+Rank 0 owns the optimiser and every file. For each evaluation it sends the candidates, the prompts, the seed and,
+once generation 1 has measured it, the run's pack size (every rank's evaluator packs with rank 0's ``batch_size``);
 the generation is cut into chunks of ``search.candidates_per_call`` candidates, each packed into one evaluator
 call, and chunk j is scored by rank ``j % world`` — every candidate lands in the same batch as in a single process,
 so the fitness values and hence the final preset do not depend on the number of processes.

@@ -223,12 +223,12 @@ def _check_rng(rng: Any) -> None:
     try:
         version, internal, gauss = rng["python"]
         random.Random().setstate((version, tuple(internal), gauss))
-    except (TypeError, ValueError, OverflowError) as e:
+    except (TypeError, ValueError, OverflowError, IndexError, KeyError) as e:
         raise _Bad(f"rng.python is not a Python RNG state ({e})") from None
     try:
         name, keys, pos, has_gauss, cached = rng["numpy"]
         np.random.RandomState().set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    except (TypeError, ValueError, OverflowError) as e:
+    except (TypeError, ValueError, OverflowError, IndexError, KeyError) as e:
         raise _Bad(f"rng.numpy is not a NumPy RNG state ({e})") from None
     for key in ("torch",) + (("cuda",) if "cuda" in rng else ()):
         states = [rng[key]] if key == "torch" else rng[key]
@@ -285,10 +285,10 @@ def _check_state(payload: Any) -> RunState:
         where = f"validations[{i}]"
         _need(isinstance(record, dict), where, "an object", record)
         _count(f"{where}.generation", record.get("generation"))
-        _optional_number(f"{where}.score", record.get("score"))
-        if "candidate_generation" in record:
-            _count(f"{where}.candidate_generation", record["candidate_generation"])
-            _optional_number(f"{where}.baseline", record.get("baseline"))
+        _count(f"{where}.candidate_generation", record.get("candidate_generation"))
+        for key in ("score", "baseline"):
+            _need(key in record, f"{where}.{key}", "present (a number or null)", None)
+            _optional_number(f"{where}.{key}", record[key])
     pack = payload.get("pack")
     if pack is not None:
         _need(isinstance(pack, dict) and _is_int(pack.get("rows")) and pack["rows"] >= 1, "pack",

@@ -232,13 +232,15 @@ def _break_toml(path: str, case: str) -> str:
     data = open(path, "rb").read()
     if case == "invalid UTF-8":
         data = data.replace(b'name = "tiny-flux"', b'name = "tiny-\xff\xfeflux"')
+    elif case == "5000-digit integer":
+        data = data.replace(b"seed = 3", b"seed = " + b"9" * 5000)
     else:
         data += b"deep = " + b"[" * 5000 + b"]" * 5000 + b"\n"
     open(path, "wb").write(data)
     return path
 
 
-@pytest.mark.parametrize("case", ["invalid UTF-8", "deeply nested"])
+@pytest.mark.parametrize("case", ["invalid UTF-8", "deeply nested", "5000-digit integer"])
 def test_unreadable_toml_is_a_message(tmp_path, case):
     config = _break_toml(_config_file(tmp_path), case)
     _refused(_run("--config", config, "--check"), repr(config), "config file")
@@ -306,10 +308,12 @@ def test_damaged_run_state_is_a_message(tmp_path, stopped_run, case):
 
 
 @pytest.mark.parametrize("override", ["sampling.cfg=nan", "sampling.guidance=inf", "search.scale_bounds=[-inf, 2]",
-                                      "search.cfg_start=nan", "search.weight_bounds=[-10, nan]"])
-def test_non_finite_numbers_are_refused_by_check(tmp_path, override):
+                                      "search.cfg_start=nan", "search.weight_bounds=[-10, nan]", "search.seed=-1",
+                                      "search.val_seed=" + "9" * 5000])
+def test_non_finite_or_unusable_numbers_are_refused_by_check(tmp_path, override):
     key = override.split("=")[0]
-    _refused(_run("--config", _config_file(tmp_path), "--check", "--set", override), key, "finite")
+    expected = "finite" if "n" in override.split("=")[1] else "seed"
+    _refused(_run("--config", _config_file(tmp_path), "--check", "--set", override), key, expected)
 
 
 def test_damaged_state_is_refused_before_the_model_loads(tmp_path):
