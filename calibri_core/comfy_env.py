@@ -419,9 +419,42 @@ def server_command(port: int, cpu: bool) -> list[str]:
     return [sys.executable, "main.py", *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port", str(port)]
 
 
-def serve(port: int = 8188) -> int:
+# ComfyUI's model folder names and the subfolders of a models folder that hold them (its own defaults).
+MODEL_SUBFOLDERS = {
+    "checkpoints": ["checkpoints"], "configs": ["configs"], "loras": ["loras"], "vae": ["vae"],
+    "text_encoders": ["text_encoders", "clip"], "diffusion_models": ["diffusion_models", "unet"],
+    "clip_vision": ["clip_vision"], "style_models": ["style_models"], "embeddings": ["embeddings"],
+    "diffusers": ["diffusers"], "vae_approx": ["vae_approx"], "controlnet": ["controlnet", "t2i_adapter"],
+    "gligen": ["gligen"], "upscale_models": ["upscale_models"], "hypernetworks": ["hypernetworks"],
+    "photomaker": ["photomaker"], "classifiers": ["classifiers"], "calibri": ["calibri"],
+}
+
+
+def models_dir_config(models: Path, dest: Path) -> Path:
+    """Write an ``extra_model_paths.yaml`` at ``dest`` that adds ``models``' subfolders to every model folder.
+
+    This is how ``serve --models DIR`` (or ``CALIBRI_MODELS_DIR``) lets the pinned host use an existing
+    ``ComfyUI/models`` folder: ComfyUI's own ``--extra-model-paths-config``, never a copy or a link.
+    """
+    models = Path(models).expanduser().resolve()
+    if not models.is_dir():
+        raise ComfyHostError(f"Calibri: the models folder {models} does not exist; give an existing folder such as "
+                             f"/path/to/ComfyUI/models to --models or CALIBRI_MODELS_DIR.")
+    lines = ["calibri_models_dir:", f"    base_path: {json.dumps(str(models))}"]
+    for name, subfolders in MODEL_SUBFOLDERS.items():
+        lines += [f"    {name}: |"] + [f"        {sub}" for sub in subfolders]
+    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dest
+
+
+def serve(port: int = 8188, models: str | None = None) -> int:
     host, cuda = setup()
     cmd = server_command(port, cpu=not cuda)
+    models = models or os.environ.get("CALIBRI_MODELS_DIR")
+    if models:
+        config = models_dir_config(Path(models), Path(tempfile.mkdtemp(prefix="calibri-models-")) / "models.yaml")
+        cmd += ["--extra-model-paths-config", str(config)]
+        _log(f"Calibri: model folders also read from {Path(models).expanduser().resolve()} ({config})")
     _log(f"Calibri: starting ComfyUI on http://127.0.0.1:{port} ($ {' '.join(cmd)} in {host.path})")
     proc = subprocess.Popen(cmd, cwd=host.path)
 
@@ -569,6 +602,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("where", help="print which ComfyUI is used")
     p_serve = sub.add_parser("serve", help="set up and start ComfyUI with this pack")
     p_serve.add_argument("--port", type=int, default=8188)
+    p_serve.add_argument("--models", metavar="DIR", default=None,
+                         help="also read models from this existing models folder (e.g. /path/to/ComfyUI/models; "
+                              "default: $CALIBRI_MODELS_DIR)")
     p_serve.add_argument("--smoke", action="store_true",
                          help="boot on a free port, check the pack loaded and its nodes are listed, stop; exit 0/1")
     sub.add_parser("test", help="set up, then run python -m pytest [args] from the repo root",
@@ -587,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.smoke:
             return smoke()
-        return serve(args.port)
+        return serve(args.port, args.models)
     except ComfyHostError as e:
         _log(str(e))
         return 2
