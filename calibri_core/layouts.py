@@ -3,7 +3,7 @@
 The reference (``v-gen-ai/Calibri``) searches one flat float vector per candidate and saves it as
 ``cmaes_step_NNNN.json``. Its order is a concatenation of *segments*: each segment lists some sites,
 and the vector holds, for each member in turn, that segment's sites; after the last segment comes
-ω, one weight per member (see ``reference/calibri-reference.md``, "Flat vector order"):
+ω, one weight per member (the authors' v-gen-ai/Calibri ``src/optim/cmaes.py``):
 
 * FLUX block: [double blocks] [single blocks] ω
 * FLUX layer: [double (attn, mlp)] [single blocks] ω
