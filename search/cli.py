@@ -4,9 +4,10 @@ The ComfyUI host is found as ``python -m calibri_core.comfy_env serve|test`` fin
 that contains this pack, the pinned snapshot) but never provisioned here, and activated (``comfy_env.activate``:
 first on ``sys.path``, ``args.cpu`` without CUDA) after the config is validated and before anything imports ComfyUI.
 
-A refusal (a bad config, a damaged or pickled run state, a run dir in use, a file the config names that is missing)
-is one line on stderr, ``calibri-search: error: Calibri: ...`` naming the file, the problem and the fix, and exit
-code 2; only an unexpected failure (a bug) shows a traceback.
+A refusal (a bad config, a damaged or pickled run state, a run dir in use, a file the config names that is missing:
+any ``ValueError`` or ``FileNotFoundError`` whose message starts with ``Calibri:``) is one line on stderr,
+``calibri-search: error: Calibri: ...`` naming the file, the problem and the fix, and exit code 2 (``--log-level
+DEBUG`` adds its traceback); any other failure (a bug) shows its traceback.
 """
 
 from __future__ import annotations
@@ -144,10 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_search(config, resume=bool(args.resume), progress=not args.no_progress)
     except ConfigError as e:
         _refuse(parser, str(e))
-    except FileNotFoundError as e:  # a file the config names (a reward's weights, a target) that is not there
+    except (FileNotFoundError, ValueError) as e:
+        # Calibri's own refusals while the model and rewards are set up (a reward's weights not configured or not
+        # there, a target file missing, a model file of another family); anything else is a bug: a traceback.
         if not str(e).startswith("Calibri: "):
             raise
-        _refuse(parser, f"{e} Check that path in the run config {args.config or args.resume!r}.")
+        logger.debug("Calibri: the refusal's traceback:", exc_info=True)
+        _refuse(parser, f"{e} (run config {args.config or os.path.join(args.resume, 'config.json')!r}; "
+                        f"--log-level DEBUG shows where it was raised)")
     if result is not None:
         sys.stdout.write(f"best preset: {result.best_preset} ({config.output['final']}; best validation "
                          f"{result.best_val}, baseline {result.baseline_val})\nlast mean:   {result.mean_preset}\n")

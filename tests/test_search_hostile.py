@@ -336,7 +336,8 @@ def test_damaged_state_is_refused_before_the_model_loads(tmp_path):
 
 
 def test_missing_reward_file_is_a_message(tmp_path):
-    """The ``target`` reward's file is absent: one line naming it, exit 2 (found when the evaluator is built)."""
+    """The ``target`` reward's file is absent, the default HPSv3 reward has no weights configured: one line naming
+    the file or the setting, exit 2 (found when the evaluator is built, after the model is loaded)."""
     pytest.importorskip("comfy")
     import server_harness
 
@@ -349,6 +350,9 @@ def test_missing_reward_file_is_a_message(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(to_toml(cfg), encoding="utf-8")
     _refused(_run("--config", str(config)), str(missing), "run.toml")
+    cfg["rewards"] = [{"name": "hpsv3"}]  # the default reward, its weights not configured
+    config.write_text(to_toml(cfg), encoding="utf-8")
+    _refused(_run("--config", str(config), "--run-dir", str(tmp_path / "run2")), "HPSv3", "run.toml")
 
 
 # ------------------------------------------------------------------ 4. the pack size is run state
