@@ -19,7 +19,7 @@ import server_harness as h
 pytestmark = pytest.mark.server
 
 CALIBRI_NODES = {
-    "CalibriLoadPreset": {"preset"},
+    "CalibriLoadPreset": {"preset", "model"},
     "CalibriApply": {"model", "calibration", "strength", "start_percent", "end_percent"},
     "CalibriManual": {"model", "granularity", "text"},
     "CalibriCombine": {f"{p}_{k}" for p in ("calibration", "weight", "prompt") for k in range(1, 5)},
@@ -28,6 +28,7 @@ CALIBRI_NODES = {
     "CalibriEnsemble": {"model", "calibration", "start_percent", "end_percent"},
     "CalibriSavePreset": {"calibration", "filename", "overwrite"},
     "CalibriPlot": {"calibration"},
+    "CalibriSweep": {"model", "granularity", "scale", "sites"},
 }
 STEPS = 4
 _prefix = itertools.count()
@@ -218,9 +219,12 @@ def test_ensemble_in_the_ksampler(server, baseline):
 def test_plot_saves_one_chart_per_member(server):
     p = Prompt()
     preset = p.add("CalibriLoadPreset", preset="sd35-medium-slg-cfg4.5-guider.safetensors")
-    p.save(p.add("CalibriPlot", calibration=preset), decode=False)
-    charts = images(server, server.run(p.nodes))
-    assert len(charts) == 3 and all(c.ndim == 3 and c.std() > 1 for c in charts)
+    plot = p.add("CalibriPlot", calibration=preset)
+    p.save(plot, decode=False)
+    entry = server.run(p.nodes)
+    charts = images(server, entry)  # the SaveImage's and CalibriPlot's own preview (an output node)
+    assert len(charts) == 6 and all(c.ndim == 3 and c.std() > 1 for c in charts)
+    assert len(entry["outputs"][plot[0]]["images"]) == 3 and entry["outputs"][plot[0]]["images"][0]["type"] == "temp"
 
 
 # ---------------------------------------------------------------- bad inputs: clear errors, server keeps serving
@@ -376,3 +380,26 @@ def test_bad_widget_values_are_refused_or_node_errors(server, baseline, build, o
         message = json.dumps(body["node_errors"])
     assert expect in message, message
     assert_serving(server, baseline)
+
+
+# ---------------------------------------------------------------- CalibriSweep through the real executor
+
+def test_sweep_list_runs_one_ksampler_per_entry(server, baseline):
+    """ComfyUI maps the KSampler over CalibriSweep's MODEL list: the identity entry is the baseline, each other
+    entry is the image of CalibriApply with that one block at the scale, and SaveImage names files by label."""
+    p = Prompt()
+    sweep = p.add("CalibriSweep", model=p.model, granularity="block", scale=0.0, sites="joint_blocks.1-2")
+    image_node = p.add("VAEDecode", samples=p.ksampler(sweep), vae=p.vae)
+    p.add("SaveImage", images=image_node, filename_prefix=[sweep[0], 1])
+    entry = server.run(p.nodes)
+    saved = images(server, entry)
+    names = [r["filename"] for out in entry["outputs"].values() for r in out.get("images", [])]
+    assert len(saved) == 3 and [n.split("_")[0] for n in names] == ["identity", "joint", "joint"], names
+    assert np.array_equal(saved[0].astype(np.int16), baseline)
+    for k, block in enumerate((1, 2), start=1):
+        q = Prompt()
+        single = q.add("CalibriApply", model=q.model, calibration=q.manual(f"joint_blocks.{block} = 0"), strength=1.0,
+                       start_percent=0.0, end_percent=1.0)
+        expected = image(server, q.save(q.ksampler(single)))
+        assert np.array_equal(saved[k].astype(np.int16), expected), block
+        assert not np.array_equal(expected, baseline)
