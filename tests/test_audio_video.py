@@ -40,30 +40,7 @@ def av_latent(spec_name: str, seed: int = 2, batch: int = 1):
     return comfy.nested_tensor.NestedTensor([torch.randn((batch,) + s, generator=generator) for s in shapes])
 
 
-def _nested(x, make):
-    import comfy.nested_tensor
-
-    return comfy.nested_tensor.NestedTensor([make(t) for t in x.unbind()])
-
-
-def predict(patcher, x, sigma, positive, negative=None, cfg=1.0, guider=None):
-    """tiny_models.predict for a nested latent: one guided denoiser call at ``sigma``; returns the packed x0."""
-    import comfy.samplers
-
-    seen = {}
-
-    def one_call(model, noise, sigmas, extra_args=None, callback=None, disable=None):
-        seen["denoised"] = model(noise, sigmas[0] * noise.new_ones([noise.shape[0]]), **(extra_args or {}))
-        return seen["denoised"]
-
-    if guider is None:
-        guider = comfy.samplers.CFGGuider(patcher)
-        guider.set_cfg(cfg)
-    guider.set_conds(positive, negative if negative is not None else positive)
-    with torch.no_grad():
-        guider.sample(_nested(x, torch.clone), _nested(x, torch.zeros_like), comfy.samplers.KSAMPLER(one_call),
-                      torch.tensor([sigma, 0.0]), seed=0)
-    return seen["denoised"]
+predict = tm.predict  # a nested latent is sampled packed: the x0 it returns is the packed (video | audio) one
 
 
 def _random_scales(n: int, seed: int) -> list[float]:
@@ -166,7 +143,7 @@ def test_clone_isolation_and_lora_composition(spec, patcher, inputs):
 def _sample(model, spec, seed=3, cfg=2.0):
     import comfy.sample
 
-    empty = _nested(av_latent(spec), torch.zeros_like)
+    empty = tm.stream_wise(av_latent(spec), torch.zeros_like)
     noise = comfy.sample.prepare_noise(empty, seed)
     return comfy.sample.sample(model, noise, 3, cfg, "euler", "simple", tm.conditioning(spec, seed=11),
                                tm.conditioning(spec, seed=12), empty, seed=seed, disable_pbar=True)

@@ -222,8 +222,19 @@ def predict(patcher, x: torch.Tensor, sigma: float, positive: list, negative: li
     sampler = comfy.samplers.KSAMPLER(one_call)
     sigmas = torch.tensor([sigma, 0.0])
     with torch.no_grad():
-        guider.sample(x.clone(), torch.zeros_like(x), sampler, sigmas, denoise_mask=denoise_mask, seed=0)
+        guider.sample(stream_wise(x, torch.clone), stream_wise(x, torch.zeros_like), sampler, sigmas,
+                      denoise_mask=denoise_mask, seed=0)
     return seen["denoised"]
+
+
+def stream_wise(x, make):
+    """``make`` applied to a latent, or to each stream of a NestedTensor latent (audio-video models; the sampler packs
+    it, so predict then returns the packed x0)."""
+    if not getattr(x, "is_nested", False):
+        return make(x)
+    import comfy.nested_tensor
+
+    return comfy.nested_tensor.NestedTensor([make(t) for t in x.unbind()])
 
 
 def sample_with_guider(guider, family: str, seed: int = 0, steps: int = 4, sampler_name: str = "euler",

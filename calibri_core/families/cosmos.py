@@ -9,18 +9,9 @@ adapter's blocks are not the DiT's and are never touched. They are separate fami
 to the other.
 """
 
-from ..sites import Gate
-from .table import Family, stream_gates
+from .table import Family, block_list
 
-BRANCHES = {branch: (branch, 0, 1) for branch in ("self_attn", "cross_attn", "mlp")}  # whole branch outputs
-
-
-def read_counts(dm) -> dict:
-    return {"blocks": len(dm.blocks)}
-
-
-def gates(counts: dict) -> list[Gate]:
-    return [g for i in range(counts["blocks"]) for g in stream_gates(f"blocks.{i}", {"": ""}, BRANCHES)]
+read_counts, gates = block_list("blocks", {branch: branch for branch in ("self_attn", "cross_attn", "mlp")})
 
 
 COSMOS_PREDICT2 = Family(

@@ -5,18 +5,9 @@ chunks, so no module outputs one layer's gate: the engine multiplies each layer'
 outputs, the gate scaled where it meets its branch.
 """
 
-from ..sites import Gate
-from .table import Family, stream_gates
+from .table import Family, block_list
 
-BRANCHES = {"attn": ("self_attention", 0, 1), "mlp": ("mlp", 0, 1)}  # whole branch outputs
-
-
-def read_counts(dm) -> dict:
-    return {"layers": len(dm.layers)}
-
-
-def gates(counts: dict) -> list[Gate]:
-    return [g for i in range(counts["layers"]) for g in stream_gates(f"layers.{i}", {"": ""}, BRANCHES)]
+read_counts, gates = block_list("layers", {"attn": "self_attention", "mlp": "mlp"})
 
 
 FAMILY = Family(

@@ -6,18 +6,9 @@ Single-stream blocks over the packed [text, image] sequence (image only for the 
 (``attention_norm2`` / ``ffn_norm2`` outputs), the post-tanh gate where it meets its branch.
 """
 
-from ..sites import Gate
-from .table import Family, stream_gates
+from .table import Family, block_list
 
-BRANCHES = {"attn": ("attention_norm2", 0, 1), "mlp": ("ffn_norm2", 0, 1)}
-
-
-def read_counts(dm) -> dict:
-    return {"layers": len(dm.layers)}
-
-
-def gates(counts: dict) -> list[Gate]:
-    return [g for i in range(counts["layers"]) for g in stream_gates(f"layers.{i}", {"": ""}, BRANCHES)]
+read_counts, gates = block_list("layers", {"attn": "attention_norm2", "mlp": "ffn_norm2"})
 
 
 FAMILY = Family(

@@ -8,18 +8,9 @@ reference tokens take the gates of the t = 0 copy; the branch output spans both 
 The text-fusion blocks (``txtfusion``) add their branches ungated and are never touched.
 """
 
-from ..sites import Gate
-from .table import Family, KnownModel, stream_gates
+from .table import Family, KnownModel, block_list
 
-BRANCHES = {"attn": ("attn", 0, 1), "mlp": ("mlp", 0, 1)}  # whole branch outputs
-
-
-def read_counts(dm) -> dict:
-    return {"blocks": len(dm.blocks)}
-
-
-def gates(counts: dict) -> list[Gate]:
-    return [g for i in range(counts["blocks"]) for g in stream_gates(f"blocks.{i}", {"": ""}, BRANCHES)]
+read_counts, gates = block_list("blocks", {"attn": "attn", "mlp": "mlp"})
 
 
 FAMILY = Family(

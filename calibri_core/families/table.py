@@ -180,3 +180,17 @@ def stream_gates(block: str, streams: dict[str, str], branches: dict[str, tuple[
     return [Gate(block, stream, branch, f"{block}.{suffix.format(stream=prefix)}", chunk, chunks)
             for stream, prefix in streams.items()
             for branch, (suffix, chunk, chunks) in branches.items()]
+
+
+def block_list(container: str, branches: dict[str, str]) -> tuple[Callable[[Any], dict], Callable[[dict], list[Gate]]]:
+    """``read_counts`` and ``gates`` of a model whose gated blocks are the one single-stream ModuleList ``container``,
+    each branch scaled at the whole output of the module ``branches[branch]`` names inside the block."""
+
+    def read_counts(dm) -> dict:
+        return {container: len(getattr(dm, container))}
+
+    def gates(counts: dict) -> list[Gate]:
+        return [Gate(f"{container}.{i}", "", branch, f"{container}.{i}.{module}")
+                for i in range(counts[container]) for branch, module in branches.items()]
+
+    return read_counts, gates
