@@ -46,3 +46,23 @@ def test_refused_models_are_refused_by_name_with_the_reason(path):
         pytest.skip(f"this ComfyUI has no {path}")
     with pytest.raises(ValueError, match=rf"{re.escape(path)}\) cannot be calibrated: {re.escape(REASONS[path][:40])}"):
         detect(torch.nn.Module.__new__(cls))
+
+
+@pytest.mark.parametrize("spec, block, replace_key", [("joyimage", "double_blocks.1", ("double_block", 1))])
+def test_zero_gates_equal_comfyui_block_skip(spec, block, replace_key):
+    """A family that declares ``dit_blocks`` (calibri_core.slg turns a skipped block into its gates at 0): all gates
+    of a block at 0 equal ComfyUI's own patches_replace['dit'] skip of that block."""
+    from site_checks import ATOL, SIGMA
+    from test_engine import _skip_block, _zero_block_calibration
+
+    from calibri_core.host import apply_calibration
+
+    patcher = tm.build_patcher(spec)
+    _, layout = model_layout(patcher)
+    x, positive = tm.latent(spec), tm.conditioning(spec)
+    skipped = patcher.clone()
+    skipped.set_model_patch_replace(_skip_block, "dit", *replace_key)
+    expected = tm.predict(skipped, x, SIGMA, positive)
+    ours = tm.predict(apply_calibration(patcher, _zero_block_calibration(layout, block)), x, SIGMA, positive)
+    assert (ours - tm.predict(patcher, x, SIGMA, positive)).abs().max() > 1e-4, "the skip must change the output"
+    assert (ours - expected).abs().max() <= ATOL

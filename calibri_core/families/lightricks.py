@@ -52,7 +52,8 @@ def audio_video_gates(counts: dict) -> list[Gate]:
     return result
 
 
-_DIT_BLOCKS = {"double_block": "transformer_blocks"}
+# No dit_blocks: the blocks do honour patches_replace["dit"] ("double_block"), but calibri_core.slg re-expresses a
+# skipped block as its gates at 0, and the ungated text cross-attention (without cross_attention_adaln) would stay.
 
 LTXV = Family(
     name="ltxv",
@@ -61,7 +62,6 @@ LTXV = Family(
     read_counts=read_counts,
     gates=video_gates,
     ungated=_UNGATED,
-    dit_blocks=_DIT_BLOCKS,
     clip_type="LTXV",
 )
 LTXAV = Family(
@@ -72,6 +72,5 @@ LTXAV = Family(
     gates=audio_video_gates,
     audio_video=True,
     ungated=_UNGATED,
-    dit_blocks=_DIT_BLOCKS,
     clip_type="LTXV",
 )
