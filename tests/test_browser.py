@@ -14,6 +14,7 @@ printed, so CI can keep them as artifacts. Without Chromium the tests skip with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,15 +44,29 @@ REGISTRY_HOST = "api.comfy.org"
 
 
 def _chromium() -> str | None:
-    override = os.environ.get("CALIBRI_CHROMIUM")
+    override = os.environ.get("CALIBRI_CHROMIUM")  # a path; one that does not exist means "no Chromium"
     if override:
-        return override
+        return override if os.path.isfile(override) else None
     return next((path for name in CHROMIUM_CANDIDATES if (path := shutil.which(name))), None)
 
 
-def _loud_skip(reason: str) -> None:
+def _terminal_lines(config, lines: list[str]) -> None:
+    """Write past pytest's output capture, so the lines show in a passing -q run (CI logs)."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    with capture.global_and_fixture_disabled() if capture else _nothing():
+        for line in lines:
+            (reporter.write_line if reporter else print)(line)
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+def _loud_skip(config, reason: str) -> None:
     banner = "#" * 100
-    print(f"\n{banner}\n#### BROWSER TESTS SKIPPED: {reason}\n{banner}")
+    _terminal_lines(config, ["", banner, f"#### BROWSER TESTS SKIPPED: {reason}", banner])
     pytest.skip(reason)
 
 
@@ -59,15 +74,15 @@ def _loud_skip(reason: str) -> None:
 def browser_page(request):
     chromium = _chromium()
     if chromium is None:
-        _loud_skip("no Chromium on this machine (Debian: `apt-get install -y chromium`, as root; .ci/run does it). "
-                   "The frontend was NOT tested.")
+        _loud_skip(request.config, "no Chromium on this machine (Debian: `apt-get install -y chromium`, as root; "
+                                   ".ci/run does it). The frontend was NOT tested.")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         if os.environ.get("CI"):
             pytest.fail("Playwright's Python package is missing in CI; .ci/run installs it (`pip install playwright`).")
-        _loud_skip("the `playwright` Python package is not installed (`pip install playwright`; never "
-                   "`playwright install`). The frontend was NOT tested.")
+        _loud_skip(request.config, "the `playwright` Python package is not installed (`pip install playwright`; "
+                                   "never `playwright install`). The frontend was NOT tested.")
     server = server_harness.acquire()
     shots = Path(os.environ.get("CALIBRI_SCREENSHOT_DIR") or tempfile.mkdtemp(prefix="calibri-browser-"))
     shots.mkdir(parents=True, exist_ok=True)
@@ -144,10 +159,8 @@ class BrowserSession:
         return lines + [f"HTTP {status}: {url}" for status, url in self.failed if PACK_MODULE in url.lower()]
 
     def report(self, config) -> None:
-        reporter = config.pluginmanager.get_plugin("terminalreporter")
-        lines = ["Calibri browser screenshots (CI artifacts):"] + [f"  {p}" for p in self.screenshots]
-        for line in lines:
-            (reporter.write_line if reporter else print)(line)
+        _terminal_lines(config, ["", "Calibri browser screenshots (CI artifacts):"]
+                        + [f"  {p}" for p in self.screenshots])
 
     def load_template(self, name: str) -> dict:
         """Fetch ``name`` as the Templates menu does and load it with ``app.loadGraphData``; the graph after."""
