@@ -8,19 +8,9 @@ branch (``x + gate·branch``). The cross-attention to the text is added without 
 PixArt-α (micro-conditioned on size and aspect ratio) and PixArt-Σ are told apart as ComfyUI's detection does.
 """
 
-from ..sites import Gate
-from .table import Family
+from .table import Family, block_list
 
-BRANCHES = ("attn", "mlp")
-
-
-def read_counts(dm) -> dict:
-    return {"blocks": len(dm.blocks)}
-
-
-def gates(counts: dict) -> list[Gate]:
-    return [Gate(f"blocks.{i}", "", branch, f"blocks.{i}.{branch}") for i in range(counts["blocks"])
-            for branch in BRANCHES]
+read_counts, gates = block_list("blocks", {"attn": "attn", "mlp": "mlp"})
 
 
 _CLASSES = ("comfy.ldm.pixart.pixartms.PixArtMS",)
