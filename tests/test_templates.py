@@ -50,4 +50,5 @@ def test_saved_view_is_not_the_origin(path):
     """Offset [0, 0] puts the top-left nodes under the frontend's side and tab bars (the browser test measures
     the real view on both frontends)."""
     ds = json.loads(path.read_text(encoding="utf-8"))["extra"]["ds"]
-    assert 0.3 <= ds["scale"] <= 1.0 and ds["offset"][0] > 0 and ds["offset"][1] > 0, ds
+    # below zoom 0.6 the 1.49 frontend draws nodes without their text (its low-quality rendering threshold)
+    assert 0.6 <= ds["scale"] <= 1.0 and ds["offset"][0] > 0 and ds["offset"][1] > 0, ds
