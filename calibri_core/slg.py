@@ -33,7 +33,12 @@ def skip_layer_calibration(layout: SiteLayout, *, double_layers: tuple[int, ...]
     """The ensemble equal to SkipLayerGuidanceDiT(double_layers, single_layers, scale) at this cfg."""
     if form not in FORMS:
         raise ValueError(f"Calibri: SLG form {form!r} is not one of {FORMS}.")
-    containers = get_family(layout.family).dit_blocks
+    family = get_family(layout.family)
+    if family.not_a_block_skip and (double_layers or single_layers):
+        raise ValueError(f"Calibri: Skip Layer Guidance cannot be expressed as a {layout.family} calibration: "
+                         f"{family.not_a_block_skip}, while SkipLayerGuidanceDiT replaces the whole block. Use "
+                         f"ComfyUI's SkipLayerGuidanceDiT node for these models.")
+    containers = family.dit_blocks
     skipped = set()
     for kind, layers in (("double_block", double_layers), ("single_block", single_layers)):
         if layers and kind not in containers:

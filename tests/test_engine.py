@@ -108,6 +108,23 @@ def test_zero_gates_equal_comfyui_block_skip(family_name):
         assert (ours - expected).abs().max() <= ATOL, block
 
 
+def test_slg_is_refused_where_zero_gates_are_not_a_block_skip():
+    """Wan's cross-attention adds to the residual ungated: zero gates leave it, ComfyUI's block skip does not."""
+    from calibri_core.slg import skip_layer_calibration
+
+    patcher = tm.build_patcher("wan")
+    family, layout = model_layout(patcher)
+    x, positive = tm.latent("wan"), tm.conditioning("wan")
+    skipped = patcher.clone()
+    skipped.set_model_patch_replace(_skip_block, "dit", "double_block", 1)
+    expected = tm.predict(skipped, x, SIGMA, positive)
+    ours = tm.predict(apply_calibration(patcher, _zero_block_calibration(layout, "blocks.1")), x, SIGMA, positive)
+    assert (ours - expected).abs().max() > 100 * ATOL
+    assert family.not_a_block_skip
+    with pytest.raises(ValueError, match="cross-attention adds to the residual without a gate"):
+        skip_layer_calibration(layout, double_layers=(1,), scale=3.0, cfg=6.0)
+
+
 def _record(module, store, key):
     return module.register_forward_hook(lambda m, args, out: store.__setitem__(key, (args, out)))
 

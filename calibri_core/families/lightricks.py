@@ -52,8 +52,9 @@ def audio_video_gates(counts: dict) -> list[Gate]:
     return result
 
 
-# No dit_blocks: the blocks do honour patches_replace["dit"] ("double_block"), but calibri_core.slg re-expresses a
-# skipped block as its gates at 0, and the ungated text cross-attention (without cross_attention_adaln) would stay.
+# The blocks honour patches_replace["dit"] ("double_block"), but a block with its gates at 0 keeps the ungated text
+# cross-attention (without cross_attention_adaln): SLG is not re-expressed as a calibration (not_a_block_skip).
+_NOT_A_BLOCK_SKIP = "without cross_attention_adaln its text cross-attention (attn2) stays when the gates are 0"
 
 LTXV = Family(
     name="ltxv",
@@ -62,6 +63,8 @@ LTXV = Family(
     read_counts=read_counts,
     gates=video_gates,
     ungated=_UNGATED,
+    dit_blocks={"double_block": "transformer_blocks"},
+    not_a_block_skip=_NOT_A_BLOCK_SKIP,
     clip_type="LTXV",
 )
 LTXAV = Family(
@@ -72,5 +75,7 @@ LTXAV = Family(
     gates=audio_video_gates,
     audio_video=True,
     ungated=_UNGATED,
+    dit_blocks={"double_block": "transformer_blocks"},
+    not_a_block_skip=_NOT_A_BLOCK_SKIP,
     clip_type="LTXV",
 )

@@ -81,6 +81,9 @@ class Family:
         ungated: branches that add to the residual without a gate, left untouched by design.
         dit_blocks: ComfyUI's ``patches_replace["dit"]`` block names (as SkipLayerGuidanceDiT's
             double/single layers use them) → our block containers; empty where the model ignores them.
+        not_a_block_skip: why a block with all its gates at 0 is not the identity ComfyUI's block skip makes of it
+            (a branch of the block adds to the residual ungated); empty where it is. ``calibri_core.slg`` refuses
+            to re-express Skip Layer Guidance as a calibration for such a family, with this reason.
         stacked_batch_copies: the model may run gate modules on k stacked copies of the batch
             (``cat([t, 0·t])`` timesteps); every copy of a row is scaled like that row.
         token_rows: the model may run gate modules on each sample's tokens flattened into rows, sample by sample
@@ -143,6 +146,7 @@ class Family:
     accepts: Callable[[Any], bool] = lambda dm: True
     ungated: str = ""
     dit_blocks: dict = field(default_factory=dict)
+    not_a_block_skip: str = ""
     stacked_batch_copies: bool = False
     token_rows: bool = False
     discarded: Callable[[dict], tuple[str, ...]] = lambda counts: ()

@@ -52,6 +52,7 @@ FAMILY = Family(
     gates=gates,
     row_caches=("animate2_cache",),  # WanAnimate2Cache: the pose branch from row 0 at the first step, reused
     dit_blocks={"double_block": "blocks"},
+    not_a_block_skip="its cross-attention adds to the residual without a gate, so it stays when the gates are 0",
     ungated="cross-attention is added without a gate and is never scaled",
     clip_type="WAN",
     cfg=6.0,  # ComfyUI's template text_to_video_wan.json (Wan 2.1 T2V 1.3B): KSampler cfg 6, ModelSamplingSD3 8
