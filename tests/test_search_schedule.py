@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_search_evaluator import make
+from test_search_evaluator import _conditioning, make
 from tiny_models import build_patcher
 
 from calibri_core.families import get_family
@@ -81,15 +81,6 @@ def _graph_model(family: str, width: int, height: int):
     if family == "wan":  # text_to_video_wan.json
         return advanced.ModelSamplingSD3().patch(patcher, 8.0)[0]
     return patcher
-
-
-def _conditioning(ev, prompts):
-    ev.prepare(prompts)
-    conds = [ev._encodings[p] for p in prompts]
-    options = {k: None if v is None else torch.cat([c[1][k] for c in conds]) for k, v in conds[0][1].items()}
-    if ev.guidance is not None:
-        options["guidance"] = ev.guidance
-    return [[torch.cat([c[0] for c in conds]), options]]
 
 
 @pytest.mark.parametrize("family", ["flux", "chroma", "lumina2", "wan", "sd3"])
