@@ -15,6 +15,18 @@ ATOL = 1e-5
 MOVES = 1e-4  # the tiny models' outputs are O(1): a live gate at 1.6-1.7 moves them by more than this
 
 
+def family_setup(spec_name: str) -> tuple:
+    """(spec name, tiny patcher, layout): what the ensemble tests' ``setup`` fixture gives each family."""
+    patcher = tm.build_patcher(spec_name)
+    _, layout = model_layout(patcher)
+    return spec_name, patcher, layout
+
+
+def record_forward(module, store: dict, key: str):
+    """A forward hook that keeps ``module``'s (args, output) in ``store[key]``; returns the hook handle."""
+    return module.register_forward_hook(lambda m, args, out: store.__setitem__(key, (args, out)))
+
+
 def gate_calibration(layout, scales) -> Calibration:
     """A one-member calibration with one scale per gate."""
     return Calibration(layout.family, "gate", layout.site_names("gate"), (Member(tuple(scales)),))

@@ -8,7 +8,7 @@ import pytest
 import tiny_models as tm
 import torch
 from engine_reference import reference_patcher
-from site_checks import gate_calibration
+from site_checks import gate_calibration, record_forward
 
 from calibri_core import Calibration, Member
 from calibri_core.host import PATCH_KEY, ActiveRange, apply_calibration, apply_row_scales, model_layout
@@ -125,9 +125,6 @@ def test_slg_is_refused_where_zero_gates_are_not_a_block_skip():
         skip_layer_calibration(layout, double_layers=(1,), scale=3.0, cfg=6.0)
 
 
-def _record(module, store, key):
-    return module.register_forward_hook(lambda m, args, out: store.__setitem__(key, (args, out)))
-
 
 @pytest.mark.parametrize("family_name", ["lumina2", "z_image"])
 def test_lumina_zero_gates_pass_through_and_context_refiner_untouched(family_name):
@@ -136,11 +133,12 @@ def test_lumina_zero_gates_pass_through_and_context_refiner_untouched(family_nam
     _, layout = model_layout(patcher)
     x, positive = tm.latent(family_name), tm.conditioning(family_name)
     seen_base, seen_zero = {}, {}
-    handles = [_record(dm.context_refiner[0], seen_base, "ctx")]
+    handles = [record_forward(dm.context_refiner[0], seen_base, "ctx")]
     tm.predict(patcher, x, SIGMA, positive)
     for h in handles:
         h.remove()
-    handles = [_record(dm.layers[1], seen_zero, "layer"), _record(dm.context_refiner[0], seen_zero, "ctx")]
+    handles = [record_forward(dm.layers[1], seen_zero, "layer"),
+               record_forward(dm.context_refiner[0], seen_zero, "ctx")]
     everything_zero = gate_calibration(layout, [0.0] * len(layout.gates))
     tm.predict(apply_calibration(patcher, everything_zero), x, SIGMA, positive)
     for h in handles:

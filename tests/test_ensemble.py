@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import tiny_models as tm
 import torch
+from site_checks import family_setup
 
 from calibri_core import Calibration, Member
 from calibri_core.ensemble import combine_x0, token_norm
@@ -46,10 +47,7 @@ def _expected(patcher, layout, members, x, positive, negative):
 
 @pytest.fixture(scope="module", params=["flux", "sd3", "qwen_image", "qwen_edit_index", "qwen_edit_2511", "wan"])
 def setup(request):
-    family = request.param
-    patcher = tm.build_patcher(family)
-    _, layout = model_layout(patcher)
-    return family, patcher, layout
+    return family_setup(request.param)
 
 
 def test_guider_equals_weighted_sum_of_members(setup):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import tiny_models as tm
 import torch
-from site_checks import SIGMA, gate_calibration
+from site_checks import SIGMA, family_setup, gate_calibration, record_forward
 from test_ensemble import (  # noqa: F401  (collected here with this module's setup)
     test_guider_batches_members_into_one_forward,
     test_guider_equals_weighted_sum_of_members,
@@ -24,14 +24,8 @@ from calibri_core.host import apply_calibration, model_layout
 
 @pytest.fixture(scope="module", params=sorted(SPECS_PART1))
 def setup(request):
-    family = request.param
-    patcher = tm.build_patcher(family)
-    _, layout = model_layout(patcher)
-    return family, patcher, layout
+    return family_setup(request.param)
 
-
-def _record(module, store: dict, key: str):
-    return module.register_forward_hook(lambda m, args, out: store.__setitem__(key, (args, out)))
 
 
 @pytest.mark.parametrize("spec_name", ["pixart_alpha", "pixart_sigma"])
@@ -43,7 +37,7 @@ def test_pixart_zero_gates_leave_only_ungated_cross_attention(spec_name):
     scales = [0.0 if g.block == "blocks.1" else 1.0 for g in layout.gates]
     seen = {}
     handles = [dm.blocks[1].register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out)),
-               _record(dm.blocks[1].cross_attn, seen, "cross")]
+               record_forward(dm.blocks[1].cross_attn, seen, "cross")]
     try:
         tm.predict(apply_calibration(patcher, gate_calibration(layout, scales)), tm.latent(spec_name), SIGMA,
                    tm.conditioning(spec_name))

@@ -13,6 +13,7 @@ import re
 import pytest
 import tiny_models as tm
 import torch
+from site_checks import family_setup
 from test_ensemble import (  # noqa: F401  (collected here with this module's setup)
     test_guider_batches_members_into_one_forward,
     test_guider_equals_weighted_sum_of_members,
@@ -27,10 +28,7 @@ from calibri_core.host import model_layout
 
 @pytest.fixture(scope="module", params=sorted(SPECS_PART2))
 def setup(request):
-    family = request.param
-    patcher = tm.build_patcher(family)
-    _, layout = model_layout(patcher)
-    return family, patcher, layout
+    return family_setup(request.param)
 
 
 @pytest.mark.parametrize("path", sorted(REASONS))
