@@ -18,10 +18,20 @@ import torch
 SCHEDULES = ("workflow", "model")
 
 
-def _run_node(path: str, **inputs: Any) -> tuple:
-    """Run a ComfyUI node class (``module:Class``), old-style (FUNCTION) or V3 (``execute``); its outputs."""
+def _node_class(path: str) -> Any:
     module, name = path.rsplit(":", 1)
-    node = getattr(importlib.import_module(module), name)
+    return getattr(importlib.import_module(module), name)
+
+
+def _returns_sigmas(node: Any) -> bool:
+    """Whether a ComfyUI node class (old-style or V3) outputs SIGMAS alone, rather than a patched MODEL."""
+    if hasattr(node, "RETURN_TYPES"):
+        return tuple(node.RETURN_TYPES) == ("SIGMAS",)
+    return [getattr(o, "io_type", None) for o in node.define_schema().outputs] == ["SIGMAS"]
+
+
+def _run_node(node: Any, **inputs: Any) -> tuple:
+    """Run a ComfyUI node class, old-style (FUNCTION) or V3 (``execute``); its outputs."""
     if hasattr(node, "FUNCTION"):
         return tuple(getattr(node(), node.FUNCTION)(**inputs))
     return tuple(node.execute(**inputs).result)
@@ -53,28 +63,21 @@ class SamplingSchedule:
         self.mode = mode
         self.spec = family.schedule if mode == "workflow" else None
         self.model = model
-        self._node_sigmas: Optional[dict] = None
+        self._sigmas_node: Any = None  # the node class, where the schedule's node gives the sigmas itself
         self.inputs: dict = {}
         if self.spec is not None:
             self.inputs = dict(self.spec.inputs, **({"width": int(width), "height": int(height)}
                                                     if self.spec.resolution else {}))
-            if self._is_sigmas_node():
-                self._node_sigmas = self.inputs
+            node = _node_class(self.spec.node)
+            if _returns_sigmas(node):
+                self._sigmas_node = node
             else:
-                self.model = _run_node(self.spec.node, model=model, **self.inputs)[0]
-
-    def _is_sigmas_node(self) -> bool:
-        module, name = self.spec.node.rsplit(":", 1)
-        node = getattr(importlib.import_module(module), name)
-        if hasattr(node, "RETURN_TYPES"):
-            return tuple(node.RETURN_TYPES) == ("SIGMAS",)
-        outputs = node.define_schema().outputs
-        return [getattr(o, "io_type", None) for o in outputs] == ["SIGMAS"]
+                self.model = _run_node(node, model=model, **self.inputs)[0]
 
     def sigmas(self, scheduler: str, steps: int) -> torch.Tensor:
         """The sigmas of ``steps`` steps: the sigmas node's, or ComfyUI's ``scheduler`` on the model's sampling."""
-        if self._node_sigmas is not None:
-            return _run_node(self.spec.node, steps=int(steps), **self._node_sigmas)[0].float()
+        if self._sigmas_node is not None:
+            return _run_node(self._sigmas_node, steps=int(steps), **self.inputs)[0].float()
         import comfy.samplers
 
         return comfy.samplers.calculate_sigmas(self.model.get_model_object("model_sampling"), scheduler, int(steps))
@@ -87,5 +90,5 @@ class SamplingSchedule:
                "inputs": dict(self.inputs),
                "source": self.spec.source if self.spec is not None else "the model's own model_sampling",
                "model_sampling": _sampling_name(sampling), "shift": _shift_of(sampling),
-               "scheduler": scheduler if self._node_sigmas is None else self.spec.node_name,
+               "scheduler": scheduler if self._sigmas_node is None else self.spec.node_name,
                "sigmas": [round(float(s), 6) for s in self.sigmas(scheduler, steps)]}
