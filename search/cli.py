@@ -98,6 +98,16 @@ def _refuse(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _activate(parser: argparse.ArgumentParser, host) -> None:
+    """Put the host first on sys.path before anything imports comfy (comfy.model_management reads args.cpu)."""
+    from calibri_core import comfy_env
+
+    try:
+        comfy_env.activate(host)
+    except comfy_env.ComfyHostError as e:
+        _refuse(parser, str(e))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -117,10 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides[key] = value
         config = load_config(args.config, overrides, resume=args.resume)
         host = find_host(config)
-        if args.check:  # nothing imported from ComfyUI, no model loaded
+        if host is not None:
+            _activate(parser, host)
+        if args.check:  # no weights loaded: the model file is judged by its header
             from .loop import check_run_dir
 
             saved = check_run_dir(config, resume=bool(args.resume))
+            if host is not None and config.search["evaluator"] == EVALUATOR_DEFAULT:
+                from .model_files import check_model_files
+
+                check_model_files(config)
     except ConfigError as e:
         _refuse(parser, str(e))
     if args.check:
@@ -132,12 +148,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"host: {host.report() if host else 'none'}\n")
         return 0
     if host is not None:
-        from calibri_core import comfy_env
-
-        try:
-            comfy_env.activate(host)  # before anything imports comfy (comfy.model_management reads args.cpu)
-        except comfy_env.ComfyHostError as e:
-            _refuse(parser, str(e))
         logger.info("Calibri: %s", host.report())
     from .loop import run_search
 

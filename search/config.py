@@ -522,12 +522,27 @@ def _check_files(config: RunConfig) -> None:
         except (OSError, ValueError) as e:
             raise ConfigError(f"Calibri: prompts.{key}: {str(e).removeprefix('Calibri: ')}") from None
         setattr(config, attr, values)
+    if config.search["evaluator"] == EVALUATOR_DEFAULT:  # a python: evaluator scores with its own means
+        _check_reward_files(config.rewards)
     _check_writable(config.run_dir)
     preset = config.output["preset"]
     if preset:
         folder = os.path.dirname(preset)
         if not os.path.isdir(folder):
             raise ConfigError(f"Calibri: output.preset folder {folder!r} does not exist; create it first.")
+
+
+def _check_reward_files(rewards: list[dict]) -> None:
+    """What building each reward would refuse after the model has loaded (weights not configured or not there, no
+    server URL, a python: reward that does not import), refused now, without loading any weights."""
+    from .rewards import check_rewards
+
+    for i, entry in enumerate(rewards):
+        try:
+            check_rewards([entry])
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"Calibri: rewards[{i}] ({entry['name']}): {str(e).removeprefix('Calibri: ')}") \
+                from None
 
 
 def _set_key(data: dict, key: str, value: Any) -> None:

@@ -40,9 +40,11 @@ from typing import Any
 import numpy as np
 
 from calibri_core.calibration import Calibration, Member
+from calibri_core.families import get_family
 
 from . import distributed, outputs
 from .config import EVALUATOR_DEFAULT, ConfigError, RunConfig, load_config, write_json_atomic
+from .model_files import check_family, check_model_files
 from .optimizer import CMAOptimizer, ReplayMismatch, reward_to_loss
 from .state import (
     OPTIMIZER_LOG,
@@ -220,15 +222,19 @@ def run_search(config: Any, evaluator: Any = None, resume: bool = False, progres
     """
     config = _coerce_config(config)
     ctx = distributed.init_from_env()
-    lock, saved = None, None
+    lock, saved, start = None, None, None
     try:
         with distributed.step(ctx):  # a failure on any rank ends every rank, with its message
             if ctx.is_main:  # the run state is checked before any model is loaded
+                start = _NewStart(config.run_dir) if not resume else None
                 os.makedirs(config.run_dir, exist_ok=True)
                 lock = RunLock(config.run_dir).acquire()
                 saved = prepare_run_dir(config, resume)
+                if evaluator is None and config.search["evaluator"] == EVALUATOR_DEFAULT:
+                    check_model_files(config)
             if evaluator is None:
                 evaluator = build_evaluator(config)
+            check_family(config, get_family(evaluator.layout.family))
             if hasattr(evaluator, "prepare"):
                 # Encode every prompt of the run once (disk cache first) and free the text encoder.
                 evaluator.prepare(list(config.train_prompts) + list(config.val_prompts))
@@ -237,10 +243,44 @@ def run_search(config: Any, evaluator: Any = None, resume: bool = False, progres
             return None
         with distributed.ShardedEvaluator(evaluator, ctx, config.search["candidates_per_call"]) as sharded:
             return _main_loop(config, sharded, progress, max_generations, saved)
+    except BaseException:
+        if start is not None:
+            start.undo()
+        raise
     finally:
         if lock is not None:
             lock.release()
         distributed.shutdown(ctx)
+
+
+class _NewStart:
+    """What a new run writes before its first generation is saved, taken back if the start fails, so that a
+    corrected config starts in the same run dir (a failed start would otherwise leave config.json, which makes the
+    dir "hold a run" that cannot be resumed with the corrected config). Once state.json exists the run is real and
+    nothing is removed. The prompt cache stays: its entries are keyed by the text encoder's identity, so a later run
+    with other files never reads them."""
+
+    STARTED = ("config.json", "generations.jsonl", OPTIMIZER_LOG, "run.lock")
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.created_dir = not os.path.exists(run_dir)
+        self.present = {name for name in self.STARTED if os.path.exists(os.path.join(run_dir, name))}
+
+    def undo(self) -> None:
+        if os.path.exists(os.path.join(self.run_dir, STATE_FILE)):
+            return
+        for name in self.STARTED:
+            if name not in self.present:
+                try:
+                    os.remove(os.path.join(self.run_dir, name))
+                except FileNotFoundError:
+                    pass
+        if self.created_dir:
+            try:
+                os.rmdir(self.run_dir)  # only when nothing else (a prompt cache) is left in it
+            except OSError:
+                pass
 
 
 def _replay(config: RunConfig, space: SearchSpace, saved: SavedRun) -> CMAOptimizer:

@@ -142,9 +142,11 @@ def test_run_writes_the_run_dir(files, reference):
 
 
 def test_check_loads_no_model(files):
-    """``--check`` validates and reports the host; the model "file" here is not a model, so loading it would fail."""
-    fake = files.root / "not-a-model.safetensors"
-    fake.write_bytes(b"not a model")
+    """``--check`` validates and reports the host. The model file here is cut after its safetensors header (no
+    tensor data): the check reads the family from the header's names and shapes, and loading it would fail."""
+    data = files.model.read_bytes()
+    fake = files.root / "header-only.safetensors"
+    fake.write_bytes(data[:8 + int.from_bytes(data[:8], "little")])
     proc = _ok(_run(_search("--config", _config(files, "checked", model=str(fake)), "--check")))
     assert "config OK: sd3 gate, 2 member(s), 3 train / 1 validation prompts" in proc.stdout
     assert f"host: {_host().report()}" in proc.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -21,7 +22,8 @@ from ._common import as_scores, check_batch
 
 logger = logging.getLogger("calibri")
 
-__all__ = ["Reward", "CombinedReward", "register_reward", "registered_rewards", "build_reward", "build_rewards"]
+__all__ = ["Reward", "CombinedReward", "register_reward", "registered_rewards", "build_reward", "build_rewards",
+           "check_rewards"]
 
 
 class Reward:
@@ -39,17 +41,40 @@ class Reward:
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return self.score(images, prompts)
 
+    @classmethod
+    def check(cls, **options: Any) -> None:
+        """Refuse options that building this reward would refuse, without loading weights: unknown option names,
+        then :meth:`local_files` (where the weights are)."""
+        try:
+            bound = inspect.signature(cls.__init__).bind(None, **options)
+        except TypeError as e:
+            known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+            raise ValueError(f"Calibri: reward {cls.name!r}: {e}; its options are {', '.join(known)}.") from None
+        cls.local_files(**{k: v for k, v in bound.arguments.items() if k != "self"})
+
+    @classmethod
+    def local_files(cls, **options: Any) -> Any:
+        """The local weight files/folders these options name, checked to exist (raises the refusal otherwise)."""
+        return None
+
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {}
+# name -> check(**options): raises the reward's own refusal when its local files or settings are missing, without
+# loading any weights, so that `--check` and the start of a run refuse what building the reward would refuse later.
+_CHECKS: dict[str, Callable[..., Any]] = {}
 
 
-def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
-    """Register a factory ``f(**options) -> Reward`` under ``name``."""
+def register_reward(name: str, check: Callable[..., Any] | None = None) \
+        -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
+    """Register a factory ``f(**options) -> Reward`` under ``name``; ``check(**options)``, if given, validates the
+    same options without loading anything (missing weights, an unset server URL)."""
 
     def deco(factory: Callable[..., Reward]) -> Callable[..., Reward]:
         if name in _REGISTRY:
             raise ValueError(f"Calibri: reward {name!r} is already registered.")
         _REGISTRY[name] = factory
+        if check is not None:
+            _CHECKS[name] = check
         return factory
 
     return deco
@@ -72,6 +97,18 @@ def build_reward(name: str, **options: Any) -> Reward:
         raise ValueError(f"Calibri: unknown reward {name!r}.{hint} Registered rewards: {names}"
                          f"; or use 'python:module:callable' for your own.")
     return _REGISTRY[name](**options)
+
+
+def check_rewards(spec: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse, without loading weights, every reward of ``spec`` that could not be built: its local files are not
+    configured or not there, its server URL is unset, its ``python:`` module or callable does not exist."""
+    for entry in spec:
+        options = {k: v for k, v in entry.items() if k not in ("name", "weight")}
+        name = entry["name"]
+        if name.startswith("python:"):
+            _python_target(name)
+        elif name in _CHECKS:
+            _CHECKS[name](**options)
 
 
 class CombinedReward(Reward):
@@ -123,26 +160,32 @@ def build_rewards(spec: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> Comb
     return CombinedReward(members)
 
 
+def _python_target(spec: str) -> Any:
+    """The object ``python:module:callable`` names (imports the module), or the refusal naming what is missing."""
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        raise ValueError(f"Calibri: user reward must be written 'python:module:callable', got {spec!r}.")
+    _, module_name, attr = parts
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"Calibri: cannot import module {module_name!r} for reward {spec!r}: {e}. "
+                         f"Make sure it is on PYTHONPATH.") from e
+    target: Any = module
+    for piece in attr.split("."):
+        if not hasattr(target, piece):
+            raise ValueError(f"Calibri: module {module_name!r} has no attribute {attr!r} (reward {spec!r}).")
+        target = getattr(target, piece)
+    return target
+
+
 class PythonReward(Reward):
     """``python:module:callable``. A class is instantiated with the options and its ``score`` (or ``__call__``) used;
     a function is called as ``f(images, prompts, **options)``. Either returns B numbers."""
 
     def __init__(self, spec: str, **options: Any):
         self.name = spec
-        parts = spec.split(":")
-        if len(parts) != 3 or not parts[1] or not parts[2]:
-            raise ValueError(f"Calibri: user reward must be written 'python:module:callable', got {spec!r}.")
-        _, module_name, attr = parts
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"Calibri: cannot import module {module_name!r} for reward {spec!r}: {e}. "
-                             f"Make sure it is on PYTHONPATH.") from e
-        target: Any = module
-        for piece in attr.split("."):
-            if not hasattr(target, piece):
-                raise ValueError(f"Calibri: module {module_name!r} has no attribute {attr!r} (reward {spec!r}).")
-            target = getattr(target, piece)
+        target = _python_target(spec)
         if isinstance(target, type):
             obj = target(**options)
             self._fn = getattr(obj, "score", obj)
@@ -211,17 +254,35 @@ class TargetReward(Reward):
         return -((images - t) ** 2).mean(dim=(1, 2, 3))
 
 
-register_reward("target")(TargetReward)
+def _build_and_drop(name: str) -> Callable[..., None]:
+    """The check of a reward whose construction loads no weights (a server URL, a small target file): build one."""
+    def check(**options: Any) -> None:
+        try:
+            _REGISTRY[name](**options)
+        except TypeError as e:  # an option name the reward does not take
+            raise ValueError(f"Calibri: reward {name!r}: {e}.") from None
+
+    return check
 
 
-@register_reward("remote")
+def _class_check(module: str, cls: str) -> Callable[..., None]:
+    def check(**options: Any) -> None:
+        getattr(importlib.import_module(f".{module}", __name__), cls).check(**options)
+
+    return check
+
+
+register_reward("target", check=_build_and_drop("target"))(TargetReward)
+
+
+@register_reward("remote", check=_build_and_drop("remote"))
 def _build_remote(**options: Any) -> Reward:
     from .remote import RemoteReward
 
     return RemoteReward(**options)
 
 
-@register_reward("imagereward")
+@register_reward("imagereward", check=_build_and_drop("imagereward"))
 def _build_imagereward(**options: Any) -> Reward:
     # image-reward 1.5 cannot import on transformers 5 (BLIP med.py needs removed modeling_utils helpers), so it only
     # runs out of process: reward_server.py --reward imagereward-package in an env with transformers 4.52.
@@ -233,28 +294,28 @@ def _build_imagereward(**options: Any) -> Reward:
     return RemoteReward(**options)
 
 
-@register_reward("hpsv3")
+@register_reward("hpsv3", check=_class_check("hpsv3", "HPSv3Reward"))
 def _build_hpsv3(**options: Any) -> Reward:
     from .hpsv3 import HPSv3Reward
 
     return HPSv3Reward(**options)
 
 
-@register_reward("pickscore")
+@register_reward("pickscore", check=_class_check("clip_rewards", "PickScoreReward"))
 def _build_pickscore(**options: Any) -> Reward:
     from .clip_rewards import PickScoreReward
 
     return PickScoreReward(**options)
 
 
-@register_reward("clip")
+@register_reward("clip", check=_class_check("clip_rewards", "ClipScoreReward"))
 def _build_clip(**options: Any) -> Reward:
     from .clip_rewards import ClipScoreReward
 
     return ClipScoreReward(**options)
 
 
-@register_reward("hpsv2")
+@register_reward("hpsv2", check=_class_check("clip_rewards", "HPSv2Reward"))
 def _build_hpsv2(**options: Any) -> Reward:
     from .clip_rewards import HPSv2Reward
 

@@ -67,15 +67,20 @@ class PickScoreReward(_HFClip):
     MODEL_SOURCE = "https://huggingface.co/yuvalkirstain/PickScore_v1"
     PROC_SOURCE = "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K (processor and tokenizer files)"
 
+    @classmethod
+    def local_files(cls, model: str | None = None, processor: str | None = None, **_: Any) -> tuple[Path, Path]:
+        model_dir = local_path(model, "CALIBRI_PICKSCORE_DIR", "PickScore model folder", cls.MODEL_SOURCE)
+        proc_dir = local_path(processor, "CALIBRI_PICKSCORE_PROCESSOR_DIR", "PickScore processor folder",
+                              cls.PROC_SOURCE)
+        require_files(model_dir, ["config.json", ("model.safetensors", "pytorch_model.bin")], "PickScore_v1",
+                      cls.MODEL_SOURCE)
+        require_files(proc_dir, ["preprocessor_config.json", ("tokenizer.json", "vocab.json")],
+                      "CLIP-ViT-H-14 processor", cls.PROC_SOURCE)
+        return model_dir, proc_dir
+
     def __init__(self, model: str | None = None, processor: str | None = None, device: str | None = "auto",
                  batch_size: int = 8):
-        model_dir = local_path(model, "CALIBRI_PICKSCORE_DIR", "PickScore model folder", self.MODEL_SOURCE)
-        proc_dir = local_path(processor, "CALIBRI_PICKSCORE_PROCESSOR_DIR", "PickScore processor folder",
-                              self.PROC_SOURCE)
-        require_files(model_dir, ["config.json", ("model.safetensors", "pytorch_model.bin")], "PickScore_v1",
-                      self.MODEL_SOURCE)
-        require_files(proc_dir, ["preprocessor_config.json", ("tokenizer.json", "vocab.json")],
-                      "CLIP-ViT-H-14 processor", self.PROC_SOURCE)
+        model_dir, proc_dir = self.local_files(model, processor)
         super().__init__(model_dir, proc_dir, device, batch_size)
         from transformers import CLIPImageProcessorPil
 
@@ -96,10 +101,15 @@ class ClipScoreReward(_HFClip):
     name = "clip"
     SOURCE = "https://huggingface.co/openai/clip-vit-large-patch14"
 
-    def __init__(self, model: str | None = None, device: str | None = "auto", batch_size: int = 8):
-        model_dir = local_path(model, "CALIBRI_CLIP_DIR", "CLIP model folder", self.SOURCE)
+    @classmethod
+    def local_files(cls, model: str | None = None, **_: Any) -> Path:
+        model_dir = local_path(model, "CALIBRI_CLIP_DIR", "CLIP model folder", cls.SOURCE)
         require_files(model_dir, ["config.json", ("model.safetensors", "pytorch_model.bin"),
-                                  ("tokenizer.json", "vocab.json")], "clip-vit-large-patch14", self.SOURCE)
+                                  ("tokenizer.json", "vocab.json")], "clip-vit-large-patch14", cls.SOURCE)
+        return model_dir
+
+    def __init__(self, model: str | None = None, device: str | None = "auto", batch_size: int = 8):
+        model_dir = self.local_files(model)
         super().__init__(model_dir, model_dir, device, batch_size)
         self.size = self.model.config.vision_config.image_size
 
@@ -137,13 +147,18 @@ class HPSv2Reward(Reward):
     name = "hpsv2"
     SOURCE = "https://huggingface.co/xswu/HPSv2 (HPS_v2.1_compressed.pt or HPS_v2_compressed.pt)"
 
+    @classmethod
+    def local_files(cls, checkpoint: str | None = None, **_: Any) -> Path:
+        try:
+            import open_clip  # noqa: F401
+        except ImportError:
+            raise ValueError("Calibri: reward 'hpsv2' needs open_clip_torch: pip install open_clip_torch.") from None
+        return local_path(checkpoint, "CALIBRI_HPSV2_CHECKPOINT", "HPSv2 checkpoint", cls.SOURCE)
+
     def __init__(self, checkpoint: str | None = None, model_name: str = "ViT-H-14", device: str | None = "auto",
                  batch_size: int = 8, antialias: bool = True):
-        try:
-            import open_clip
-        except ImportError as e:
-            raise ImportError("Calibri: reward 'hpsv2' needs open_clip_torch (pip install open_clip_torch).") from e
-        ckpt = local_path(checkpoint, "CALIBRI_HPSV2_CHECKPOINT", "HPSv2 checkpoint", self.SOURCE)
+        ckpt = self.local_files(checkpoint)
+        import open_clip
         self.device = resolve_device(device)
         self.batch_size, self.antialias = batch_size, antialias
         model = open_clip.create_model(model_name, pretrained=None, precision="fp32", device="cpu", output_dict=True)

@@ -314,15 +314,7 @@ class HPSv3Reward(Reward):
                  jpeg_quality: int | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Calibri: hpsv3 batch_size must be a positive int, got {batch_size!r}.")
-        ckpt = local_path(checkpoint, CHECKPOINT_ENV, "HPSv3 checkpoint (HPSv3.safetensors)", CHECKPOINT_SOURCE)
-        if ckpt.is_dir():
-            ckpt = ckpt / "HPSv3.safetensors"
-            if not ckpt.exists():
-                raise FileNotFoundError(f"Calibri: HPSv3.safetensors not found in {ckpt.parent}. Get it from "
-                                        f"{CHECKPOINT_SOURCE}.")
-        base_dir = local_path(base, BASE_ENV, "Qwen2-VL-7B-Instruct base folder", BASE_SOURCE)
-        require_files(base_dir, ["config.json", "preprocessor_config.json", "tokenizer_config.json",
-                                 ("tokenizer.json", "vocab.json")], "Qwen2-VL-7B-Instruct", BASE_SOURCE)
+        ckpt, base_dir = self.local_files(checkpoint, base)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.batch_size = batch_size
@@ -338,6 +330,20 @@ class HPSv3Reward(Reward):
         # Prompts must not contain token strings the tokenizer would match as special tokens (breaks the 1-per-row
         # <|Reward|> gather and the image-token count).
         self._special_strings = sorted(set(self.tokenizer.get_added_vocab()) | set(self.tokenizer.all_special_tokens))
+
+    @classmethod
+    def local_files(cls, checkpoint: str | None = None, base: str | None = None, **_: Any) -> tuple[Path, Path]:
+        """(HPSv3.safetensors, the Qwen2-VL base folder), from the options or their environment variables."""
+        ckpt = local_path(checkpoint, CHECKPOINT_ENV, "HPSv3 checkpoint (HPSv3.safetensors)", CHECKPOINT_SOURCE)
+        if ckpt.is_dir():
+            ckpt = ckpt / "HPSv3.safetensors"
+            if not ckpt.exists():
+                raise FileNotFoundError(f"Calibri: HPSv3.safetensors not found in {ckpt.parent}. Get it from "
+                                        f"{CHECKPOINT_SOURCE}.")
+        base_dir = local_path(base, BASE_ENV, "Qwen2-VL-7B-Instruct base folder", BASE_SOURCE)
+        require_files(base_dir, ["config.json", "preprocessor_config.json", "tokenizer_config.json",
+                                 ("tokenizer.json", "vocab.json")], "Qwen2-VL-7B-Instruct", BASE_SOURCE)
+        return ckpt, base_dir
 
     def _build_model(self, base: Path, ckpt: Path, attn_implementation: str) -> HPSv3Net:
         from transformers import AutoConfig
