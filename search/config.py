@@ -673,6 +673,9 @@ def _compare_with_stored(current: dict, stored: dict, run_dir: str) -> None:
             lines.append(f"  ... and {len(diffs) - 10} more")
         lines.append(f"  Only {', '.join(RESUMABLE_CHANGES)} may change. Resume without --config to use the stored "
                      f"config, or start a new run dir.")
+        if not os.path.isfile(os.path.join(run_dir, "state.json")):
+            lines.append(f"  This run never completed a generation (no state.json), so nothing is lost by starting "
+                         f"over: delete {os.path.join(run_dir, 'config.json')!r} and run with --config instead.")
         raise ConfigError("\n".join(lines))
 
 

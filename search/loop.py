@@ -154,6 +154,12 @@ def check_run_dir(config: RunConfig, resume: bool, check_lock: bool = True) -> S
     run_dir = config.run_dir
     has_state = os.path.isfile(os.path.join(run_dir, STATE_FILE))
     has_config = os.path.isfile(os.path.join(run_dir, "config.json"))
+    if not resume and has_config and not has_state:
+        raise ConfigError(f"Calibri: run dir {run_dir!r} holds a run that was started but never completed a "
+                          f"generation (config.json, no state.json: the process was killed while loading or in its "
+                          f"first generation). Continue it with --resume {run_dir} (its stored config), or, to start "
+                          f"over with this config, delete {os.path.join(run_dir, 'config.json')!r}: nothing else "
+                          f"there records the run.")
     if not resume and (has_state or has_config):
         raise ConfigError(f"Calibri: run dir {run_dir!r} already holds a run. Continue it with --resume {run_dir}, "
                           f"or choose another output.run_dir (--run-dir).")

@@ -180,3 +180,21 @@ def test_hpsv3_check_passes_with_its_files(tmp_path, monkeypatch):
     monkeypatch.setenv("CALIBRI_HPSV3_CHECKPOINT", str(tmp_path))
     monkeypatch.setenv("CALIBRI_QWEN2VL_DIR", str(base))
     check_rewards([{"name": "hpsv3", "jpeg_quality": 95}])
+
+
+def test_killed_start_says_exactly_what_to_delete(tmp_path):
+    """A start killed before its first generation (SIGKILL: nothing could be taken back) leaves config.json alone;
+    a changed config is refused with the one file to delete, and runs once it is gone."""
+    from search.loop import prepare_run_dir
+
+    cfg = raw_config(tmp_path, generations=1)
+    prepare_run_dir(load_config(None, raw=cfg), resume=False)  # what a killed start leaves
+    changed = copy.deepcopy(cfg)
+    changed["search"]["seed"] = 4
+    config_json = os.path.join(cfg["output"]["run_dir"], "config.json")
+    with pytest.raises(ConfigError, match=f"never completed a generation.*delete {config_json!r}"):
+        run_search(changed)
+    with pytest.raises(ConfigError, match=f"nothing is lost by starting over: delete {config_json!r}"):
+        load_config(None, raw=changed, resume=cfg["output"]["run_dir"])
+    os.remove(config_json)
+    assert run_search(changed).generations == 1
