@@ -9,6 +9,10 @@ ComfyUI's loader would then take the V1 path and ignore ``comfy_entrypoint``.
 import importlib.util
 import os
 
+# Served to the editor for both the V1 and V3 loaders (ComfyUI reads it before it looks for comfy_entrypoint):
+# web/ hides CalibriCombine's widgets of unconnected inputs.
+WEB_DIRECTORY = "./web"
+
 
 def _comfy_importable() -> bool:
     try:

@@ -36,7 +36,10 @@ LINK_COLOURS = {"MODEL": (180, 160, 255), "CLIP": (255, 210, 60), "VAE": (255, 1
 OTHER_LINK = (170, 170, 170)
 NOTE_TYPES = {"Note", "MarkdownNote"}
 TITLE_HEIGHT = 30           # the frontend draws a node's title bar above its saved position
-HEADER = 46                 # pixels above the graph for the workflow's title
+HEADER = 56                 # pixels above the graph for the workflow's title
+# The card shows the image at about half size and its own caption is the file name, so the title is the one
+# readable name a card has: drawn as large as fits.
+TITLE_SIZES = (28, 24, 20, 17)
 
 
 def _label(node: dict) -> str:
@@ -59,8 +62,11 @@ def render_workflow_diagram(workflow: dict, size: tuple[int, int] = SIZE) -> Ima
     image = Image.new("RGB", size, BACKGROUND)
     draw = ImageDraw.Draw(image)
     title = (workflow.get("extra") or {}).get("calibri_title") or "Calibri workflow"
-    draw.text((14, 12), title.replace("Calibri - ", "Calibri: "), fill=TITLE_INK, font=_font(17))
-    draw.text((14, HEADER - 16), "workflow diagram", fill=NODE_EDGE, font=_font(11))
+    title = title.replace("Calibri - ", "Calibri: ")
+    title_font = next((_font(size) for size in TITLE_SIZES if draw.textlength(title, font=_font(size)) <= width - 28),
+                      _font(TITLE_SIZES[-1]))
+    draw.text((14, 8), title, fill=TITLE_INK, font=title_font)
+    draw.text((14, HEADER - 15), "workflow diagram", fill=NODE_EDGE, font=_font(11))
     nodes = {node["id"]: node for node in workflow["nodes"]}
     x0 = min(n["pos"][0] for n in nodes.values())
     y0 = min(n["pos"][1] - TITLE_HEIGHT for n in nodes.values())

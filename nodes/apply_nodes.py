@@ -19,9 +19,11 @@ class CalibriApply(io.ComfyNode):
             node_id="CalibriApply",
             display_name="Calibri Apply",
             category=CATEGORY,
-            description="Scale the gates of the model's DiT blocks by a one-member calibration and its output "
-                        "weight ω (Calibri, arXiv 2603.24800 §3.2). For ensembles (several members) use "
-                        "CalibriEnsemble (KSampler) or CalibriEnsembleGuider (SamplerCustomAdvanced).",
+            description="Changes how the model draws by turning each of its transformer blocks up or down by the "
+                        "amounts a calibration gives. In the paper's terms: scale the gates of the model's DiT blocks "
+                        "by a one-member calibration and its output weight ω (Calibri, arXiv 2603.24800 §3.2). For "
+                        "ensembles (several members) use CalibriEnsemble (KSampler) or CalibriEnsembleGuider "
+                        "(SamplerCustomAdvanced).",
             inputs=[
                 io.Model.Input("model", tooltip="A DiT model of a supported family (FLUX, SD3, Qwen-Image, ...)."),
                 Calibri.Input("calibration", tooltip=_CALIBRATION_TOOLTIP + " Must have exactly one member."),
@@ -61,12 +63,13 @@ class CalibriEnsemble(io.ComfyNode):
             node_id="CalibriEnsemble",
             display_name="Calibri Ensemble (KSampler)",
             category=CATEGORY,
-            description="Run a calibration ensemble (arXiv 2603.24800 §3.3) inside the plain KSampler. Members on "
-                        "the positive prompt replace the cond pass by Σ ω_i f_i(cond); members on the negative "
-                        "prompt replace the uncond pass by Σ ω_i f_i(uncond) (a pass without members runs "
-                        "uncalibrated). The KSampler then does uncond + cfg·(cond − uncond) as usual, so with cfg 1 "
-                        "(FLUX) the result is F = Σ ω_i f_i over the positive members. For the paper's CFG form "
-                        "F = Σ ω_i f_i(p_i) with free weights, use CalibriEnsembleGuider.",
+            description="Lets the ordinary KSampler draw each step as a weighted blend of several tuned versions of "
+                        "the model. In the paper's terms: run a calibration ensemble (arXiv 2603.24800 §3.3) inside "
+                        "the plain KSampler. Members on the positive prompt replace the cond pass by Σ ω_i f_i(cond); "
+                        "members on the negative prompt replace the uncond pass by Σ ω_i f_i(uncond) (a pass without "
+                        "members runs uncalibrated). The KSampler then does uncond + cfg·(cond − uncond) as usual, so "
+                        "with cfg 1 (FLUX) the result is F = Σ ω_i f_i over the positive members. For the paper's CFG "
+                        "form F = Σ ω_i f_i(p_i) with free weights, use CalibriEnsembleGuider.",
             inputs=[
                 io.Model.Input("model", tooltip="A DiT model of a supported family."),
                 Calibri.Input("calibration", tooltip=_CALIBRATION_TOOLTIP + " Any number of members."),
@@ -93,10 +96,12 @@ class CalibriEnsembleGuider(io.ComfyNode):
             node_id="CalibriEnsembleGuider",
             display_name="Calibri Ensemble Guider",
             category=CATEGORY,
-            description="A GUIDER for SamplerCustomAdvanced that samples the ensemble F = Σ ω_i f_{s_i}(x, t, p_i) "
-                        "exactly (arXiv 2603.24800 §3.3): every member runs with its own scales on its own prompt "
-                        "and ω_i weights its prediction. No cfg: the weights are the guidance (the paper's CFG "
-                        "start point is ω = (cfg, 1 − cfg) on (positive, negative)).",
+            description="Guides SamplerCustomAdvanced with a weighted blend of several tuned versions of the model, "
+                        "each on its own prompt; the weights replace the CFG value. In the paper's terms: a GUIDER "
+                        "for SamplerCustomAdvanced that samples the ensemble F = Σ ω_i f_{s_i}(x, t, p_i) exactly "
+                        "(arXiv 2603.24800 §3.3): every member runs with its own scales on its own prompt and ω_i "
+                        "weights its prediction. No cfg: the weights are the guidance (the paper's CFG start point is "
+                        "ω = (cfg, 1 − cfg) on (positive, negative)).",
             inputs=[
                 io.Model.Input("model", tooltip="A DiT model of a supported family."),
                 io.Conditioning.Input("positive", tooltip="Conditioning seen by members whose prompt is positive."),

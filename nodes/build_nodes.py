@@ -28,10 +28,11 @@ class CalibriManual(io.ComfyNode):
             node_id="CalibriManual",
             display_name="Calibri Manual",
             category=CATEGORY,
-            description="Type a calibration for the connected model: `site = value` lines, block ranges such as "
-                        "`single_blocks.10-15 = 0`, `#` comments and `weight = 1.3` for ω. Every site not named "
-                        "keeps scale 1. Reproduces the paper's motivation experiment (arXiv 2603.24800 §3.1: "
-                        "bypass (0) or scale one block) and hand tuning.",
+            description="Lets you write by hand which parts of the model to turn up, down or off (and by how much) "
+                        "before it draws. Type a calibration for the connected model: `site = value` lines, block "
+                        "ranges such as `single_blocks.10-15 = 0`, `#` comments and `weight = 1.3` for ω. Every site "
+                        "not named keeps scale 1. Reproduces the paper's motivation experiment (arXiv 2603.24800 "
+                        "§3.1: bypass (0) or scale one block) and hand tuning.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the calibration is for; names are checked against it."),
                 io.Combo.Input("granularity", options=list(GRANULARITIES), default="block",
@@ -71,18 +72,22 @@ class CalibriCombine(io.ComfyNode):
                               tooltip=f"Member {k} of the ensemble (optional). An input that is already an "
                                       f"ensemble adds all its members, keeping their prompts."),
                 io.Float.Input(f"weight_{k}", default=1.0, min=-20.0, max=20.0, step=0.01,
-                               tooltip=f"Multiplies the output weight ω of input {k}'s member(s). The paper's CFG "
-                                       f"start point is ω = cfg on positive and 1 − cfg on negative."),
+                               tooltip=f"Only used when calibration_{k} is connected (the editor hides it "
+                                       f"otherwise). Multiplies the output weight ω of input {k}'s member(s). The "
+                                       f"paper's CFG start point is ω = cfg on positive and 1 − cfg on negative."),
                 io.Combo.Input(f"prompt_{k}", options=["positive", "negative"], default="positive",
-                               tooltip=f"Which conditioning input {k}'s member sees (ignored for an input that is "
-                                       f"already an ensemble: its members keep their own prompts)."),
+                               tooltip=f"Only used when calibration_{k} is connected (the editor hides it "
+                                       f"otherwise). Which conditioning input {k}'s member sees (ignored for an "
+                                       f"input that is already an ensemble: its members keep their own prompts)."),
             ]
         return io.Schema(
             node_id="CalibriCombine",
             display_name="Calibri Combine",
             category=CATEGORY,
-            description="Join calibrations into an ensemble F = Σ ω_i f_{s_i}(x, t, p_i) (arXiv 2603.24800 §3.3) "
-                        "for CalibriEnsemble or CalibriEnsembleGuider. Each member's ω is its own ω times the "
+            description="Joins up to four calibrations so that the model draws with a weighted blend of all of them, "
+                        "for example one on the positive and one on the negative prompt, as CFG does. In the paper's "
+                        "terms: join calibrations into an ensemble F = Σ ω_i f_{s_i}(x, t, p_i) (arXiv 2603.24800 "
+                        "§3.3) for CalibriEnsemble or CalibriEnsembleGuider. Each member's ω is its own ω times the "
                         "input's weight. All inputs must be for the same model and granularity.",
             inputs=inputs,
             outputs=[Calibri.Output(display_name="calibration",
@@ -105,9 +110,10 @@ class CalibriPlot(io.ComfyNode):
             node_id="CalibriPlot",
             display_name="Calibri Plot",
             category=CATEGORY,
-            description="Draw a calibration: one chart per member (a batch of N images) with a bar per site from "
-                        "the identity line (scale 1), grouped by block, and the member's ω and prompt. The charts "
-                        "show in the node itself; the IMAGE output carries them on (e.g. to SaveImage).",
+            description="Draws a calibration as bar charts of how strongly it turns each part of the model up or "
+                        "down; it changes no image. One chart per member (a batch of N images) with a bar per site "
+                        "from the identity line (scale 1), grouped by block, and the member's ω and prompt. The "
+                        "charts show in the node itself; the IMAGE output carries them on (e.g. to SaveImage).",
             inputs=[Calibri.Input("calibration", tooltip="The calibration to draw.")],
             outputs=[io.Image.Output(display_name="charts",
                                      tooltip="One chart per ensemble member, as an IMAGE batch.")],

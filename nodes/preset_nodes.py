@@ -35,10 +35,12 @@ class CalibriLoadPreset(io.ComfyNode):
             node_id="CalibriLoadPreset",
             display_name="Calibri Load Preset",
             category=CATEGORY,
-            description="Load a Calibri calibration (arXiv 2603.24800) from ComfyUI/models/calibri/ or the "
-                        "pack's presets/ folder. Connect it to CalibriApply (one member) or the ensemble nodes. "
-                        "The authors' checkpoints (cmaes_step_NNNN.json) load directly when the model is "
-                        "connected: their pipeline and granularity are read from the file and the model.",
+            description="Loads a saved calibration, a tuned set of strengths for the model's blocks that changes how "
+                        "it draws once applied. Load a Calibri calibration (arXiv 2603.24800) from "
+                        "ComfyUI/models/calibri/ or the pack's presets/ folder. Connect it to CalibriApply (one "
+                        "member) or the ensemble nodes. The authors' checkpoints (cmaes_step_NNNN.json) load directly "
+                        "when the model is connected: their pipeline and granularity are read from the file and the "
+                        "model.",
             inputs=[io.Combo.Input("preset", options=preset_choices(),
                                    tooltip="A .safetensors preset in models/calibri/ (or a folder named "
                                            "'calibri' in extra_model_paths.yaml) or the pack's presets/, or a "
@@ -100,9 +102,10 @@ class CalibriSavePreset(io.ComfyNode):
             node_id="CalibriSavePreset",
             display_name="Calibri Save Preset",
             category=CATEGORY,
-            description="Save a calibration as models/calibri/<filename>.safetensors (the first calibri folder), "
-                        "so CalibriLoadPreset lists it. Keeps the calibration's provenance and adds the tool "
-                        "version and date. Never overwrites unless asked.",
+            description="Saves a calibration to a file so it can be loaded again; it changes no image. Save a "
+                        "calibration as models/calibri/<filename>.safetensors (the first calibri folder), so "
+                        "CalibriLoadPreset lists it. Keeps the calibration's provenance and adds the tool version and "
+                        "date. Never overwrites unless asked.",
             inputs=[
                 Calibri.Input("calibration", tooltip="The calibration to save (from Manual, Combine or Load)."),
                 io.String.Input("filename", default="calibri-preset",

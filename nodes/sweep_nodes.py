@@ -15,10 +15,11 @@ class CalibriSweep(io.ComfyNode):
             node_id="CalibriSweep",
             display_name="Calibri Sweep (one site at a time)",
             category=CATEGORY,
-            description="The paper's motivation experiment (arXiv 2603.24800 §3.1): a list of MODELs, first the "
-                        "model unchanged, then one per block (or layer/gate site) with only that site's gate "
-                        "scaled by `scale` (0 = bypassed). Connect it to one KSampler: ComfyUI runs the sampler "
-                        "once per list entry, and the labels name each image.",
+            description="Draws the same image once unchanged and once per model block with that block switched off "
+                        "(or turned down), so you can see what each block does. The paper's motivation experiment "
+                        "(arXiv 2603.24800 §3.1): a list of MODELs, first the model unchanged, then one per block (or "
+                        "layer/gate site) with only that site's gate scaled by `scale` (0 = bypassed). Connect it to "
+                        "one KSampler: ComfyUI runs the sampler once per list entry, and the labels name each image.",
             inputs=[
                 io.Model.Input("model", tooltip="A DiT model of a supported family (FLUX, SD3, Qwen-Image, ...)."),
                 io.Combo.Input("granularity", options=list(GRANULARITIES), default="block",

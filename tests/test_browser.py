@@ -4,8 +4,10 @@ Driven with Playwright's Python package and the system's Chromium (Debian's ``ch
 with apt and never runs ``playwright install``, which downloads browsers). It checks that the page loads with no
 console error from the pack, that node search for "Calibri" lists every node, that each example workflow loads
 through the frontend exactly as the Templates menu loads it (fetched from ``/api/workflow_templates/calibri/``,
-then ``app.loadGraphData``) with no missing-node report, the widget values of its JSON and every node in view, that
-each template has a thumbnail, and that the plot template runs and its charts appear in the page.
+then ``app.loadGraphData``) with no missing-node report, the widget values of its JSON, every node in view and
+drawn with its text, that CalibriCombine shows only the widgets of its connected inputs, that each template has a
+thumbnail, and that the plot template runs and its charts appear in the page. The window is 1366×768, the smallest common laptop screen: a template readable there is readable on larger
+ones, which show more canvas at the same saved zoom.
 
 Screenshots go to a temporary folder (``CALIBRI_SCREENSHOT_DIR`` to choose it) that is kept, and their paths are
 printed, so CI can keep them as artifacts. Without Chromium the tests skip with a loud message; in CI
@@ -32,10 +34,13 @@ pytestmark = [pytest.mark.server, pytest.mark.browser]
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 PLOT_WORKFLOW = "calibri-plot-calibration"
+COMBINE_WORKFLOW = "calibri-qwen-image-guider"  # a CalibriCombine with calibration_1 and _2 connected
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "chrome")
-VIEWPORT = {"width": 1600, "height": 1000}
+VIEWPORT = {"width": 1366, "height": 768}
 # The frontend's own chrome covers the canvas's left edge (icon bar) and top (banner, tabs, workflow menu, Run).
 CANVAS_LEFT, CANVAS_TOP = 70, 150
+# 1.49 draws a minimap over the canvas's bottom-right corner (on by default in windows 1024 px wide and more).
+OVERLAYS = ".minimap-main-container, .minimap-container"
 TIMEOUT_MS = 120_000
 PACK_MODULE = "calibri"
 # The frontend asks the Comfy Registry about every custom node id it meets; offline (and under the page's CSP)
@@ -164,7 +169,7 @@ class BrowserSession:
 
     def load_template(self, name: str) -> dict:
         """Fetch ``name`` as the Templates menu does and load it with ``app.loadGraphData``; the graph after."""
-        return self.page.evaluate("""async ([module, name]) => {
+        return self.page.evaluate("""async ([module, name, overlaySelector]) => {
             const app = window.app;
             const response = await fetch(`api/workflow_templates/${module}/${name}.json`);
             if (!response.ok) return {status: response.status};
@@ -177,7 +182,14 @@ class BrowserSession:
             const ds = app.canvas.ds;
             const rect = app.canvas.canvas.getBoundingClientRect();
             const titleHeight = window.LiteGraph.NODE_TITLE_HEIGHT || 30;
+            const overlays = [...document.querySelectorAll(overlaySelector)].map(e => e.getBoundingClientRect())
+                .filter(r => r.width > 0 && r.height > 0)
+                .map(r => ({left: r.left, top: r.top, right: r.right, bottom: r.bottom}));
             return {
+                scale: ds.scale,
+                // Below this zoom both frontends draw nodes as plain boxes, without titles, widgets or labels.
+                lowQuality: app.canvas.low_quality,
+                overlays,
                 status: response.status,
                 missing: window.__calibriMissing.flat().map(m => typeof m === 'string' ? m : m.type),
                 unregistered: app.graph._nodes.filter(n => !(n.type in window.LiteGraph.registered_node_types))
@@ -189,7 +201,7 @@ class BrowserSession:
                     right: rect.left + (n.pos[0] + n.size[0] + ds.offset[0]) * ds.scale,
                     bottom: rect.top + (n.pos[1] + n.size[1] + ds.offset[1]) * ds.scale})),
             };
-        }""", [PACK_MODULE, name])
+        }""", [PACK_MODULE, name, OVERLAYS])
 
 
 def calibri_display_names(server) -> dict[str, str]:
@@ -246,10 +258,40 @@ def test_workflow_loads_through_the_frontend(browser_page, path):
         # (a node without widgets is saved with [] by one frontend and without the key by another)
         assert (got["widgets_values"] or []) == (node.get("widgets_values") or []), \
             f"{path.name} node {node['id']} ({node['type']})"
-    # The saved view shows every node: nothing behind the side bar or the tab bar, nothing off the page.
+    # The saved view is the one the frontend opens, and it draws node text (titles, widgets, labels).
+    assert graph["scale"] == pytest.approx(data["extra"]["ds"]["scale"]), graph["scale"]
+    assert graph["lowQuality"] is False, f"{path.name}: opens at zoom {graph['scale']}, where no node text is drawn"
+    # The saved view shows every node: nothing behind the side bar, the tab bar or the minimap, nothing off the page.
+    def covered(b):
+        return any(b["left"] < o["right"] and o["left"] < b["right"] and b["top"] < o["bottom"]
+                   and o["top"] < b["bottom"] for o in graph["overlays"])
     hidden = [b["id"] for b in graph["boxes"] if b["left"] < CANVAS_LEFT or b["top"] < CANVAS_TOP
-              or b["right"] > VIEWPORT["width"] or b["bottom"] > VIEWPORT["height"]]
-    assert not hidden, f"{path.name}: nodes {hidden} are not fully in view on open: {graph['boxes']}"
+              or b["right"] > VIEWPORT["width"] or b["bottom"] > VIEWPORT["height"] or covered(b)]
+    assert not hidden, f"{path.name}: nodes {hidden} are not fully in view on open at " \
+                       f"{VIEWPORT['width']}x{VIEWPORT['height']}: {graph['boxes']}, overlays {graph['overlays']}"
+    assert not session.pack_errors(), "\n".join(session.pack_errors())
+
+
+def test_combine_shows_only_the_widgets_of_connected_inputs(browser_page):
+    """web/calibri_combine.js hides weight_k / prompt_k while calibration_k is unconnected, shows them once it is
+    connected, and never changes what the workflow saves."""
+    session = browser_page
+    data = json.loads((REPO / "example_workflows" / f"{COMBINE_WORKFLOW}.json").read_text(encoding="utf-8"))
+    saved = next(n["widgets_values"] for n in data["nodes"] if n["type"] == "CalibriCombine")
+    assert session.load_template(COMBINE_WORKFLOW)["status"] == 200
+    state = session.page.evaluate("""() => {
+        const node = window.app.graph._nodes.find(n => n.type === 'CalibriCombine');
+        const shown = () => node.widgets.filter(w => !w.hidden).map(w => w.name);
+        const before = shown();
+        const member = node.getInputNode(node.findInputSlot('calibration_1'));
+        member.connect(0, node, node.findInputSlot('calibration_3'));
+        const connected = shown();
+        node.disconnectInput(node.findInputSlot('calibration_3'));
+        return {before, connected, after: shown(), values: node.serialize().widgets_values};
+    }""")
+    assert state["before"] == state["after"] == ["weight_1", "prompt_1", "weight_2", "prompt_2"], state
+    assert state["connected"] == ["weight_1", "prompt_1", "weight_2", "prompt_2", "weight_3", "prompt_3"], state
+    assert state["values"] == saved, state
     assert not session.pack_errors(), "\n".join(session.pack_errors())
 
 

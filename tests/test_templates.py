@@ -4,6 +4,7 @@ could pass for a model output), kept in step with the JSON, and a saved view tha
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +53,11 @@ def test_saved_view_is_not_the_origin(path):
     ds = json.loads(path.read_text(encoding="utf-8"))["extra"]["ds"]
     # below zoom 0.6 the 1.49 frontend draws nodes without their text (its low-quality rendering threshold)
     assert 0.6 <= ds["scale"] <= 1.0 and ds["offset"][0] > 0 and ds["offset"][1] > 0, ds
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_name_fits_its_card(path):
+    """The Templates browser captions a pack's card with the bare file name: the 1.32 and 1.49 frontends read no
+    title for custom node templates (the human title is drawn in the thumbnail). Past about 30 characters the
+    caption is cut off, even in a 1600 px window."""
+    assert re.fullmatch(r"calibri-[a-z0-9.]+(-[a-z0-9.]+)*", path.stem) and len(path.stem) <= 28, path.stem

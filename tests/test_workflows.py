@@ -34,8 +34,17 @@ FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 MODEL_FILE_INPUTS = {"unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name", "ckpt_name",
                      "lora_name", "control_net_name"}
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".gguf")
+# The models/ folder each loader reads: the `directory` of the download entries ComfyUI's own templates put on
+# loader nodes (`properties.models`), from which the Missing Models panel offers the download.
+LOADER_FOLDERS = {"UNETLoader": "diffusion_models", "DualCLIPLoader": "text_encoders", "CLIPLoader": "text_encoders",
+                  "VAELoader": "vae", "CheckpointLoaderSimple": "checkpoints"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+# The widgets of each loader, in order (those that name model files are in MODEL_FILE_INPUTS).
+MODEL_FILE_INPUTS_ORDER = {"UNETLoader": ("unet_name", "weight_dtype"),
+                           "DualCLIPLoader": ("clip_name1", "clip_name2", "type", "device"),
+                           "CLIPLoader": ("clip_name", "type", "device"), "VAELoader": ("vae_name",),
+                           "CheckpointLoaderSimple": ("ckpt_name",)}
 # The model each loader file in the workflows stands for: family and block counts (FLUX.1-dev and SD3.5 Medium
 # from the shipped presets, Qwen-Image's 60 transformer blocks).
 MODEL_COUNTS = {
@@ -105,6 +114,24 @@ def test_required_workflows_present():
     names = [p.stem for p in WORKFLOWS]
     missing = [key for key in REQUIRED if not any(key in n for n in names)]
     assert not missing, f"example_workflows/ lacks workflows for {missing}: {names}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_loaders_say_where_their_models_come_from(path):
+    """Every model file a loader names has a download entry (name, Hugging Face URL, models/ folder) on that node,
+    as in ComfyUI's own templates; without one the Missing Models panel offers no download."""
+    wf = Workflow(path)
+    for node in wf.nodes.values():
+        if node["type"].endswith("Loader"):
+            assert node["type"] in MODEL_FILE_INPUTS_ORDER, f"{node['type']}: add its widgets and folder here"
+        widgets = zip(MODEL_FILE_INPUTS_ORDER.get(node["type"], ()), node.get("widgets_values") or [])
+        files = [value for name, value in widgets if name in MODEL_FILE_INPUTS]
+        entries = {m["name"]: m for m in node.get("properties", {}).get("models", [])}
+        assert sorted(entries) == sorted(files), f"{path.name} node {node['id']} ({node['type']}): {entries}"
+        for name, entry in entries.items():
+            assert entry["directory"] == LOADER_FOLDERS[node["type"]], entry
+            assert entry["url"].startswith("https://huggingface.co/") and "/resolve/main/" in entry["url"], entry
+            assert entry["url"].endswith("/" + name), entry
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
