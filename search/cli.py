@@ -18,7 +18,8 @@ import os
 import sys
 from typing import NoReturn, Sequence
 
-from .config import EVALUATOR_DEFAULT, ConfigError, RunConfig, load_config, parse_override, schema_help
+from .config import (EVALUATOR_DEFAULT, ConfigError, RunConfig, check_reward_files, load_config, parse_override,
+                     schema_help)
 
 logger = logging.getLogger("calibri")
 
@@ -133,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .loop import check_run_dir
 
             saved = check_run_dir(config, resume=bool(args.resume))
+            check_reward_files(config)
             if host is not None and config.search["evaluator"] == EVALUATOR_DEFAULT:
                 from .model_files import check_model_files
 

@@ -522,8 +522,6 @@ def _check_files(config: RunConfig) -> None:
         except (OSError, ValueError) as e:
             raise ConfigError(f"Calibri: prompts.{key}: {str(e).removeprefix('Calibri: ')}") from None
         setattr(config, attr, values)
-    if config.search["evaluator"] == EVALUATOR_DEFAULT:  # a python: evaluator scores with its own means
-        _check_reward_files(config.rewards)
     _check_writable(config.run_dir)
     preset = config.output["preset"]
     if preset:
@@ -532,12 +530,15 @@ def _check_files(config: RunConfig) -> None:
             raise ConfigError(f"Calibri: output.preset folder {folder!r} does not exist; create it first.")
 
 
-def _check_reward_files(rewards: list[dict]) -> None:
+def check_reward_files(config: RunConfig) -> None:
     """What building each reward would refuse after the model has loaded (weights not configured or not there, no
-    server URL, a python: reward that does not import), refused now, without loading any weights."""
+    server URL, a python: reward that does not import), refused without loading any weights: by ``--check`` and by a
+    run before its model loads. A ``python:`` evaluator scores by its own means and is not checked."""
     from .rewards import check_rewards
 
-    for i, entry in enumerate(rewards):
+    if config.search["evaluator"] != EVALUATOR_DEFAULT:
+        return
+    for i, entry in enumerate(config.rewards):
         try:
             check_rewards([entry])
         except (ValueError, FileNotFoundError) as e:

@@ -43,7 +43,7 @@ from calibri_core.calibration import Calibration, Member
 from calibri_core.families import get_family
 
 from . import distributed, outputs
-from .config import EVALUATOR_DEFAULT, ConfigError, RunConfig, load_config, write_json_atomic
+from .config import EVALUATOR_DEFAULT, ConfigError, RunConfig, check_reward_files, load_config, write_json_atomic
 from .model_files import check_family, check_model_files
 from .optimizer import CMAOptimizer, ReplayMismatch, reward_to_loss
 from .state import (
@@ -237,6 +237,7 @@ def run_search(config: Any, evaluator: Any = None, resume: bool = False, progres
                 lock = RunLock(config.run_dir).acquire()
                 saved = prepare_run_dir(config, resume)
                 if evaluator is None and config.search["evaluator"] == EVALUATOR_DEFAULT:
+                    check_reward_files(config)
                     check_model_files(config)
             if evaluator is None:
                 evaluator = build_evaluator(config)

@@ -28,8 +28,12 @@ def repository_paths(text: str) -> list[str]:
     return sorted({t for t in PATH_TOKEN.findall(text) if t.split("/")[0] in TOP_LEVEL + NOT_IN_REPO})
 
 
+# A search run dir (``search/runs/flux-block``) is what a documented command creates, not a file of the checkout.
+RUN_OUTPUTS = re.compile(r"(^|/)runs/")
+
+
 def missing(paths, base: Path) -> list[str]:
-    return [p for p in paths if not (base / p.split("#")[0]).exists()]
+    return [p for p in paths if not (base / p.split("#")[0]).exists() and not RUN_OUTPUTS.search(p)]
 
 
 def test_readme_links_and_paths_exist():
@@ -63,6 +67,10 @@ def test_link_parser(text, expected):
 def test_the_old_dangling_reference_is_caught():
     assert missing(repository_paths("protocol (reference/calibri-reference.md)"), REPO) == \
         ["reference/calibri-reference.md"]
+
+
+def test_run_dirs_are_outputs_not_missing_files():
+    assert missing(["search/runs/flux-block", "search/no-such-file.py"], REPO) == ["search/no-such-file.py"]
 
 
 def test_path_finder_ignores_user_folders():

@@ -249,12 +249,16 @@ def test_overrides_and_help(tmp_path, capsys):
 
 
 def test_check_flag_loads_nothing(tmp_path, capsys, no_model_load):
-    from search.cli import main
+    """``--check`` judges the model file by its header without building an evaluator: these empty files are refused
+    as what they are (``test_search_cli`` passes ``--check`` on a real model's header)."""
+    import torch
+    from safetensors.torch import save_file
 
-    path = tmp_path / "ok.toml"
-    path.write_text(to_toml(_comfy_config(tmp_path)), encoding="utf-8")
-    assert main(["--config", str(path), "--check"]) == 0
-    assert "config OK" in capsys.readouterr().out
+    cfg = _comfy_config(tmp_path)
+    save_file({"images": torch.zeros(1, 8, 8, 3)}, str(tmp_path / "target.safetensors"))
+    cfg["rewards"] = [{"name": "target", "path": str(tmp_path / "target.safetensors")}]
+    message = _cli_error(tmp_path, cfg, capsys, "--check")
+    assert "model.diffusion_model file" in message and "is not a safetensors file" in message
 
 
 def test_example_config_is_valid():

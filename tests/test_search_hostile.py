@@ -337,7 +337,7 @@ def test_damaged_state_is_refused_before_the_model_loads(tmp_path):
 
 def test_missing_reward_file_is_a_message(tmp_path):
     """The ``target`` reward's file is absent, the default HPSv3 reward has no weights configured: one line naming
-    the file or the setting, exit 2 (found when the evaluator is built, after the model is loaded)."""
+    the reward, the file or the setting, exit 2, before the model is loaded, and the run dir holds nothing."""
     pytest.importorskip("comfy")
     import server_harness
 
@@ -349,10 +349,13 @@ def test_missing_reward_file_is_a_message(tmp_path):
     cfg["rewards"] = [{"name": "target", "path": str(missing)}]
     config = tmp_path / "run.toml"
     config.write_text(to_toml(cfg), encoding="utf-8")
-    _refused(_run("--config", str(config)), str(missing), "run.toml")
+    _refused(_run("--config", str(config)), "rewards[0] (target)", str(missing))
     cfg["rewards"] = [{"name": "hpsv3"}]  # the default reward, its weights not configured
     config.write_text(to_toml(cfg), encoding="utf-8")
-    _refused(_run("--config", str(config), "--run-dir", str(tmp_path / "run2")), "HPSv3", "run.toml")
+    _refused(_run("--config", str(config), "--run-dir", str(tmp_path / "run2")), "rewards[0] (hpsv3)",
+             "CALIBRI_HPSV3_CHECKPOINT")
+    for run_dir in ("run", "run2"):
+        assert not os.listdir(tmp_path / run_dir)
 
 
 # ------------------------------------------------------------------ 4. the pack size is run state
