@@ -166,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _refuse(parser, f"{e} (run config {args.config or os.path.join(args.resume, 'config.json')!r}; "
                         f"--log-level DEBUG shows where it was raised)")
     if result is not None:
+        if result.nothing_to_do:
+            sys.stdout.write(f"run already finished at generation {result.generations} (stopped by "
+                             f"{result.stopped_by}); nothing to do; outputs left as they are\n")
         sys.stdout.write(f"best preset: {result.best_preset} ({config.output['final']}; best validation "
                          f"{result.best_val}, baseline {result.baseline_val})\nlast mean:   {result.mean_preset}\n")
     return 0

@@ -28,11 +28,13 @@ the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +105,8 @@ class SearchResult:
     baseline_val: float | None
     generations: int
     history: list
+    stopped_by: str | None = None  # "generations", "budget_hours", "pycma"; None: this call stopped, not the run
+    nothing_to_do: bool = False  # a resume of a finished run whose outputs were already written
 
 
 def seed_global_rngs(seed: int) -> None:
@@ -339,6 +343,9 @@ def _main_loop(config: RunConfig, ev: distributed.ShardedEvaluator, progress: bo
     if saved is not None:
         state = saved.state
         opt = _replay(config, space, saved)
+        reason = _stop_reason(config, state, opt)
+        if state.finished and reason is not None and _outputs_current(config, state):
+            return _nothing_to_do(config, space, state, reason)
         write_exchanges(run_dir, saved.exchanges)  # drops a line a kill left beyond state.json
         restore_rng(state.rng)
         outputs.write_log(run_dir, state.history)
@@ -353,38 +360,179 @@ def _main_loop(config: RunConfig, ev: distributed.ShardedEvaluator, progress: bo
         write_exchanges(run_dir, [])
     sampler = BucketSampler(len(config.train_prompts), s["bucket_size"], s["seed"], state.bucket_epoch,
                             state.bucket_offset)
-    budget_s = s["budget_hours"] * 3600.0
-    total = s["generations"]
-
-    def done() -> bool:  # the cap, the wall-time budget or pycma's own stop criteria (checked once per generation)
-        return ((total is not None and state.generation >= total) or bool(budget_s and state.elapsed_s >= budget_s)
-                or (state.generation > 0 and bool(opt.stop_reasons())))
-
-    bar = tqdm(total=total, initial=state.generation, desc="generations", unit="gen", disable=not progress)
-    cbar = tqdm(total=opt.popsize, desc="candidates", unit="cand", leave=False, disable=not progress)
     done_here = 0
+    with _logs_above_bars(progress):
+        bar = tqdm(total=s["generations"], initial=state.generation, desc="generations", unit="gen",
+                   disable=not progress)
+        cbar = tqdm(total=opt.popsize, desc="candidates", unit="cand", leave=False, disable=not progress)
+        try:
+            bar.set_postfix(_bar_postfix(config, state, opt))
+            while (reason := _stop_reason(config, state, opt)) is None:
+                if max_generations is not None and done_here >= max_generations:
+                    break
+                _generation(config, ev, space, opt, sampler, state, cbar)
+                bar.update(1)
+                bar.set_postfix(_bar_postfix(config, state, opt))
+                done_here += 1
+            if reason is not None and state.generation > 0 and state.last_validated != state.generation:
+                t0 = time.time()
+                _validate(config, ev, space, state)
+                state.elapsed_s += time.time() - t0
+                save_state(run_dir, state)
+            if reason is not None and not state.finished:
+                state.finished = True
+                save_state(run_dir, state)
+        finally:
+            # The inner bar first: its close moves the cursor back up to the middle of the outer bar's row; the
+            # outer bar's close then ends on a fresh row, where the next log line starts.
+            cbar.close()
+            bar.close()
+    result = _finish(config, ev, space, opt, state, reason)
+    if reason is None:
+        logger.info("Calibri: this call stopped after %d new generation(s) (max_generations) at generation %d; the "
+                    "run is not finished: continue it with --resume %s", done_here, state.generation, run_dir)
+    else:
+        logger.info("Calibri: stopped: %s. Best preset: %s", reason[1], result.best_preset)
+    return result
+
+
+class _AboveBars(logging.Handler):
+    """Stands in for a console log handler while tqdm bars are drawn: each record goes to that handler with the
+    bars cleared first and redrawn after (``tqdm.external_write_mode``, what ``tqdm.write`` does), so a log line
+    never lands inside a bar. The handler keeps its own level, filters, format and stream;
+    ``tqdm.contrib.logging.logging_redirect_tqdm`` replaces it by one that keeps only the format and stream, and
+    gives loggers that had no handler one, which prints "calibri" records twice (there and at the root)."""
+
+    def __init__(self, inner: logging.Handler):
+        super().__init__(inner.level)
+        self.inner = inner
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        from tqdm import tqdm
+
+        if record.levelno < self.inner.level:
+            return False
+        with tqdm.external_write_mode(file=getattr(self.inner, "stream", None) or sys.stderr):
+            return bool(self.inner.handle(record))
+
+
+def _on_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+
+
+@contextlib.contextmanager
+def _logs_above_bars(enabled: bool):
+    """While the bars are shown, the console handlers of the "calibri" logger and of the root logger (where
+    ``logging.basicConfig`` puts its handler), and Python's last-resort handler (warnings when nothing is
+    configured), write through :class:`_AboveBars`. Other handlers (files, pytest's capture) are left alone."""
+    if not enabled:
+        yield
+        return
+    swapped = []
+    for lg in (logging.getLogger("calibri"), logging.getLogger()):
+        swapped.append((lg, lg.handlers))
+        lg.handlers = [_AboveBars(h) if _on_console(h) else h for h in lg.handlers]
+    last_resort = logging.lastResort
+    if last_resort is not None:
+        logging.lastResort = _AboveBars(last_resort)
     try:
-        while not done():
-            if max_generations is not None and done_here >= max_generations:
-                break
-            _generation(config, ev, space, opt, sampler, state, cbar)
-            bar.update(1)
-            bar.set_postfix(best=f"{state.best_train['fitness']:.4g}" if state.best_train else "-",
-                            sigma=f"{opt.sigma:.3g}")
-            done_here += 1
-        finished = done()
-        if finished and state.generation > 0 and state.last_validated != state.generation:
-            t0 = time.time()
-            _validate(config, ev, space, state)
-            state.elapsed_s += time.time() - t0
-            save_state(run_dir, state)
-        if finished and not state.finished:
-            state.finished = True
-            save_state(run_dir, state)
+        yield
     finally:
-        bar.close()
-        cbar.close()
-    return _finish(config, ev, space, opt, state)
+        for lg, handlers in swapped:
+            lg.handlers = handlers
+        logging.lastResort = last_resort
+
+
+def _stop_reason(config: RunConfig, state: RunState, opt: CMAOptimizer) -> tuple[str, str] | None:
+    """Why the run stops at this generation: (``stopped_by``, a sentence for the log and summary.json), or None
+    while it goes on. Checked once per generation, in this order: the ``search.generations`` cap, the
+    ``search.budget_hours`` wall time, pycma's own stop criteria (only after a generation was told)."""
+    from tqdm import tqdm
+
+    s, g = config.search, state.generation
+    cap, hours = s["generations"], s["budget_hours"]
+    if cap is not None and g >= cap:
+        return "generations", f"generations cap {cap} reached"
+    if hours and state.elapsed_s >= hours * 3600.0:
+        return "budget_hours", (f"budget of {hours:g} h reached after {g} generation(s) "
+                                f"({tqdm.format_interval(state.elapsed_s)} of search time)")
+    pycma = opt.stop_reasons() if g > 0 else {}
+    if pycma:
+        return "pycma", f"pycma's stop criteria met after {g} generation(s): " + ", ".join(
+            f"{k}={v}" for k, v in sorted(pycma.items()))
+    return None
+
+
+def _budget_eta_s(config: RunConfig, state: RunState) -> float | None:
+    """Seconds until ``search.budget_hours`` (or, sooner, the ``search.generations`` cap) ends the run, or None
+    without a budget or before the first generation.
+
+    The budget is checked after each generation, so the run ends with the first generation that ends past it:
+    ceil(budget left / mean generation time) more generations (at most the cap's), each of the mean time of this
+    run's generations so far (validations included, as the budget counts them). It is an estimate of the latest
+    end, not a promise: pycma's stop criteria may end the run sooner, generations may speed up or slow down, and
+    the final validation and outputs come after it.
+    """
+    s, g = config.search, state.generation
+    if not s["budget_hours"] or g == 0:
+        return None
+    mean = state.elapsed_s / g
+    if mean <= 0:
+        return None
+    left = max(0, math.ceil((s["budget_hours"] * 3600.0 - state.elapsed_s) / mean))
+    if s["generations"] is not None:
+        left = min(left, max(0, s["generations"] - g))
+    return left * mean
+
+
+def _bar_postfix(config: RunConfig, state: RunState, opt: CMAOptimizer) -> dict:
+    """The generations bar's postfix. With a budget the bar has no total (or the cap's, which the budget may cut
+    short), so tqdm's own ETA is missing or too long: ``eta`` is :func:`budget_eta_s`."""
+    from tqdm import tqdm
+
+    postfix = {"best": f"{state.best_train['fitness']:.4g}" if state.best_train else "-", "sigma": f"{opt.sigma:.3g}"}
+    eta = _budget_eta_s(config, state)
+    if eta is not None:
+        postfix["eta"] = tqdm.format_interval(eta)
+    return postfix
+
+
+def _outputs_current(config: RunConfig, state: RunState) -> bool:
+    """Whether the run dir holds the outputs of the state's generation: summary.json (written last) says that
+    generation, the presets are there and so is the ``output.preset`` copy this run wrote. A run continued past a
+    finish keeps ``state.finished``, so the generation is what tells stale outputs apart."""
+    run_dir = config.run_dir
+    try:
+        with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(summary, dict) or summary.get("generations") != state.generation:
+        return False
+    names = (outputs.BEST_PRESET, outputs.MEAN_PRESET, *outputs.FINAL_PRESETS.values())
+    if not all(os.path.isfile(os.path.join(run_dir, name)) for name in names):
+        return False
+    preset = config.output["preset"]
+    return not preset or (os.path.isfile(preset) and _file_sha256(preset) == state.preset_sha256)
+
+
+def _nothing_to_do(config: RunConfig, space: SearchSpace, state: RunState, reason: tuple[str, str]) -> SearchResult:
+    """A resume of a finished run whose stop condition still holds: nothing is run or written (not even the logs),
+    so the outputs keep their bytes and times. The result names the outputs the run wrote when it finished."""
+    run_dir = config.run_dir
+    if reason[0] == "pycma":
+        hint = "pycma's stop criteria hold, so more generations would not continue it; start a new run to search on"
+    else:
+        hint = ("to search on, resume with a higher search.generations (--generations) or search.budget_hours "
+                "(--budget-hours)")
+    logger.info("Calibri: run already finished at generation %d (stopped: %s); nothing to do; outputs left as they "
+                "are in %s (%s).", state.generation, reason[1], run_dir, hint)
+    chosen = state.best_train if config.output["final"] == "best-train" else state.best_val
+    best = space.to_calibration(chosen["x"] if chosen is not None else space.x0)
+    return SearchResult(run_dir, os.path.join(run_dir, outputs.BEST_PRESET),
+                        os.path.join(run_dir, outputs.MEAN_PRESET), best, state.best_val and state.best_val["score"],
+                        state.baseline_val, state.generation, list(state.history), stopped_by=reason[0],
+                        nothing_to_do=True)
 
 
 def _generation(config: RunConfig, ev, space: SearchSpace, opt: CMAOptimizer, sampler: BucketSampler,
@@ -494,7 +642,11 @@ def _plots(config: RunConfig, space: SearchSpace, state: RunState) -> None:
                         tuple(config.search["scale_bounds"]))
 
 
-def _finish(config: RunConfig, ev, space: SearchSpace, opt: CMAOptimizer, state: RunState) -> SearchResult:
+def _finish(config: RunConfig, ev, space: SearchSpace, opt: CMAOptimizer, state: RunState,
+            reason: tuple[str, str] | None = None) -> SearchResult:
+    """Write the presets, plots, grid and summary.json. summary.json's ``stopped_by`` / ``stop_reason`` say what
+    ended the run (see :func:`_stop_reason`; both None when only this call stopped); ``pycma_stop`` stays pycma's
+    own criteria, also when the cap or the budget came first."""
     run_dir = config.run_dir
     best_path = os.path.join(run_dir, outputs.BEST_PRESET)
     mean_path = os.path.join(run_dir, outputs.MEAN_PRESET)
@@ -553,10 +705,11 @@ def _finish(config: RunConfig, ev, space: SearchSpace, opt: CMAOptimizer, state:
                "best_train": state.best_train and state.best_train["fitness"],
                "baseline_val": state.baseline_val, "calibri_best": final, "best_preset": best_path,
                "best_train_preset": paths["best-train"], "best_validation_preset": paths["best-validation"],
-               "mean_preset": mean_path, "pycma_stop": stop}
+               "mean_preset": mean_path, "pycma_stop": stop, "stopped_by": reason and reason[0],
+               "stop_reason": reason and reason[1]}
     write_json_atomic(os.path.join(run_dir, "summary.json"), json.loads(json.dumps(summary)))
     return SearchResult(run_dir, best_path, mean_path, best, state.best_val and state.best_val["score"],
-                        state.baseline_val, state.generation, list(state.history))
+                        state.baseline_val, state.generation, list(state.history), stopped_by=reason and reason[0])
 
 
 def _grid(config: RunConfig, ev, space: SearchSpace, best: Calibration, final: str) -> None:

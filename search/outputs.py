@@ -167,21 +167,50 @@ def heatmap(path: str, calibration: Calibration, bounds: tuple[float, float]) ->
     _save_png(img, path)
 
 
-def image_grid(path: str, rows: dict[str, "object"]) -> None:
-    """Rows of images ([B,H,W,3] float tensors in [0, 1]), each row labelled (e.g. baseline / best)."""
+GRID_MIN_CELL = 256  # px on an image's short side in a grid; smoke runs decode 8×8 latents into 8×8 images
+
+
+def label_font(cell: int):
+    """The grid's label font: PIL's own (no font file needed), sized to the cells where PIL can scale it."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=max(16, min(48, cell // 16)))
+    except TypeError:  # Pillow < 10.1: one fixed bitmap size
+        return ImageFont.load_default()
+
+
+def image_grid(path: str, rows: dict[str, "object"], min_cell: int = GRID_MIN_CELL) -> None:
+    """Rows of images ([B,H,W,3] float tensors in [0, 1]), each under its label (e.g. baseline / best).
+
+    Images whose short side is under ``min_cell`` px are scaled up by a whole factor with nearest neighbour, so
+    every source pixel becomes a sharp square and nothing is smoothed in that the model did not draw. The label
+    strips are as tall as the text and the grid at least as wide as the longest label, so no label is clipped.
+    """
     import numpy as np
     from PIL import Image, ImageDraw
 
     arrays = {k: (np.clip(np.asarray(v.detach().cpu().float() if hasattr(v, "detach") else v), 0, 1) * 255)
               .round().astype("uint8") for k, v in rows.items()}
     b, hh, ww = next(iter(arrays.values())).shape[:3]
-    label = 20
-    img = Image.new("RGB", (ww * b, (hh + label) * len(arrays)), "white")
+    factor = max(1, math.ceil(min_cell / max(1, min(hh, ww))))
+    ch, cw = hh * factor, ww * factor
+    font = label_font(min(ch, cw))
+    pad = 6
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [measure.textbbox((pad, pad), name, font=font) for name in arrays]
+    label = max(box[3] for box in boxes) + pad
+    width = max(cw * max(a.shape[0] for a in arrays.values()), max(box[2] for box in boxes) + pad)
+    img = Image.new("RGB", (width, (ch + label) * len(arrays)), "white")
     d = ImageDraw.Draw(img)
     for r, (name, arr) in enumerate(arrays.items()):
-        d.text((4, r * (hh + label) + 4), name, fill="black")
+        top = r * (ch + label)
+        d.text((pad, top + pad), name, fill="black", font=font)
         for c in range(arr.shape[0]):
-            img.paste(Image.fromarray(arr[c]), (c * ww, r * (hh + label) + label))
+            tile = Image.fromarray(arr[c])
+            if factor > 1:
+                tile = tile.resize((cw, ch), Image.Resampling.NEAREST)
+            img.paste(tile, (c * cw, top + label))
     _save_png(img, path)
 
 
