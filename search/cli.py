@@ -18,8 +18,15 @@ import os
 import sys
 from typing import NoReturn, Sequence
 
-from .config import (EVALUATOR_DEFAULT, ConfigError, RunConfig, check_reward_files, load_config, parse_override,
-                     schema_help)
+from .config import (
+    EVALUATOR_DEFAULT,
+    ConfigError,
+    RunConfig,
+    check_reward_files,
+    load_config,
+    parse_override,
+    schema_help,
+)
 
 logger = logging.getLogger("calibri")
 

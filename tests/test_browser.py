@@ -3,15 +3,15 @@
 Driven with Playwright's Python package and the system's Chromium (Debian's ``chromium``; ``.ci/run`` installs it
 with apt and never runs ``playwright install``, which downloads browsers). It checks that the page loads with no
 console error from the pack, that node search for "Calibri" lists every node, that each example workflow loads
-through the frontend exactly as the Templates menu loads it (fetched from ``/api/workflow_templates/calibri/``,
-then ``app.loadGraphData``) with no missing-node report, the widget values of its JSON, every node in view and
-drawn with its text, that CalibriCombine shows only the widgets of its connected inputs, that each template has a
-thumbnail, and that the plot template runs and its charts appear in the page. The window is 1366×768, the smallest common laptop screen: a template readable there is readable on larger
-ones, which show more canvas at the same saved zoom.
+through the frontend exactly as the Templates menu loads it (fetched from ``/api/workflow_templates/calibri/``, then
+``app.loadGraphData``) with no missing-node report, the widget values of its JSON, every node in view and drawn with
+its text, that CalibriCombine shows only the widgets of its connected inputs, that each template has a thumbnail,
+and that the plot template runs and its charts appear in the page. The window is 1366×768, the smallest common
+laptop screen: a template readable there is readable on larger ones, which show more canvas at the same saved zoom.
 
 Screenshots go to a temporary folder (``CALIBRI_SCREENSHOT_DIR`` to choose it) that is kept, and their paths are
-printed, so CI can keep them as artifacts. Without Chromium the tests skip with a loud message; in CI
-(``CI=true``) a missing Playwright package is an error, since ``.ci/run`` installs it.
+printed, so CI can keep them as artifacts. Without Chromium the tests skip with a loud message; in CI (``CI=true``)
+a missing Playwright package is an error, since ``.ci/run`` installs it.
 """
 
 from __future__ import annotations

@@ -11,16 +11,21 @@ import os
 import struct
 
 import pytest
-from test_search_cli import _config, _env, _ok, _run, _search
-from test_search_cli import files  # noqa: F401  (the module fixture: tiny model file, target, prompts)
+from test_search_cli import (
+    _config,
+    _env,
+    _ok,
+    _run,
+    _search,
+    files,  # noqa: F401  (the module fixture: tiny model file, target, prompts)
+)
 from test_search_loop import QuadraticEvaluator, raw_config
 
+from calibri_core.families import get_family
 from search.config import ConfigError, load_config
 from search.loop import run_search
 from search.model_files import check_model_files, read_header
 from search.rewards import check_rewards
-
-from calibri_core.families import get_family
 
 
 def _with(path: str, old: str, new: str) -> str:
@@ -123,8 +128,8 @@ def test_not_a_safetensors_file(tmp_path):
 
 
 def test_unrecognised_model_refused(files, tmp_path):  # noqa: F811
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     other = tmp_path / "not-a-dit.safetensors"
     save_file({"encoder.weight": torch.zeros(2, 2)}, str(other))
