@@ -320,3 +320,10 @@ def _build_hpsv2(**options: Any) -> Reward:
     from .clip_rewards import HPSv2Reward
 
     return HPSv2Reward(**options)
+
+
+@register_reward("demo_rules", check=_class_check("demo_rules", "DemoRulesReward"))
+def _build_demo_rules(**options: Any) -> Reward:
+    from .demo_rules import DemoRulesReward
+
+    return DemoRulesReward(**options)
