@@ -98,3 +98,39 @@ def test_engine_recognises_and_calibrates_it(weights):
     identity = apply_calibration(model, Calibration("chroma", "block", tuple(sites), (Member((1.0,) * len(sites)),)))
     assert torch.equal(_sample(identity, clip, "a big red circle on the left"), base)
     assert (changed - base).abs().max() > 1e-4
+
+
+def test_initial_weights_can_learn():
+    """From :func:`init_weights` the prediction is zero, and after one step on the output projection the gradient
+    reaches every parameter (a zeroed norm scale in the head once left only its bias trainable)."""
+    import comfy.model_management
+
+    comfy.model_management.in_training = True  # the torch RoPE (ComfyUI's fused one has no backward)
+    try:
+        base = demo.build_base_model()
+        demo.init_weights(base.diffusion_model, seed=0)
+        params = dict(base.diffusion_model.named_parameters())
+        for p in params.values():
+            p.requires_grad_(True)
+        x = torch.randn(2, 3, demo.IMAGE_SIZE, demo.IMAGE_SIZE)
+        sigma = torch.full((2,), 0.5)
+        context = demo.TextEncoder().encode(["a big red circle on the left"] * 2).detach()
+
+        def loss():
+            with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved):
+                out = base.apply_model(x, sigma, c_crossattn=context, guidance=torch.zeros(2))
+            return ((out - x.flip(0)) ** 2).mean()
+
+        first = loss()
+        first.backward()
+        assert torch.equal(base.apply_model(x, sigma, c_crossattn=context, guidance=torch.zeros(2)), x)  # v = 0
+        with torch.no_grad():
+            for p in params.values():
+                if p.grad is not None:
+                    p -= 0.1 * p.grad
+                p.grad = None
+        loss().backward()
+        dead = [n for n, p in params.items() if p.grad is None or not p.grad.abs().max() > 0]
+        assert not dead, dead
+    finally:
+        comfy.model_management.in_training = False

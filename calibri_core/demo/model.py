@@ -157,8 +157,8 @@ def init_weights(model: nn.Module, seed: int) -> None:
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
-        for name, p in model.named_parameters():
-            if name.startswith(("nerf_final_layer", "final_layer")):
+        for name, p in model.named_parameters():  # the projection, not its norm: a zero norm scale would block it
+            if name.startswith(("nerf_final_layer", "final_layer")) and "norm" not in name:
                 p.zero_()
 
 
