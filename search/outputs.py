@@ -97,7 +97,8 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def line_plot(path: str, title: str, series: dict[str, tuple[list[float], list[float]]], log_y: bool = False) -> None:
+def line_plot(path: str, title: str, series: dict[str, tuple[list[float], list[float]]], log_y: bool = False,
+              x_label: str = "generation") -> None:
     """A small line chart (one colour per series) as PNG; non-finite points are skipped."""
     from PIL import Image, ImageDraw
 
@@ -127,7 +128,7 @@ def line_plot(path: str, title: str, series: dict[str, tuple[list[float], list[f
             d.text((4, px(x0, y)[1] - 6), _fmt(10 ** y if log_y else y), fill="black")
         d.text((left, h - bottom + 6), _fmt(x0), fill="black")
         d.text((w - right - 40, h - bottom + 6), _fmt(x1), fill="black")
-        d.text((w // 2 - 30, h - bottom + 20), "generation", fill="black")
+        d.text((w // 2 - 30, h - bottom + 20), x_label, fill="black")
         for k, (name, (xs, ys)) in enumerate(series.items()):
             colour = _COLOURS[k % len(_COLOURS)]
             line = [px(x, tr(y)) for x, y in zip(xs, ys) if math.isfinite(y) and (y > 0 or not log_y)]

@@ -134,3 +134,32 @@ def test_initial_weights_can_learn():
         assert not dead, dead
     finally:
         comfy.model_management.in_training = False
+
+
+def test_shipped_model_draws_held_out_prompts():
+    """The shipped weights (tools/demo_train.py --steps 3000 --batch 64 --seed 0) through ComfyUI's nodes draw the
+    attributes of prompts whose (colour, shape) pairs they never saw. Measured with tools/demo_eval.py: demo_rules
+    0.745 ± 0.038 on 64 held-out prompts at 8 steps, cfg 3 (0.668 ± 0.058 at cfg 1); untrained weights draw noise
+    (about 0.2). The floor 0.6 lies below that interval for 32 prompts."""
+    from pathlib import Path
+
+    import numpy as np
+    from comfy_extras.nodes_chroma_radiance import EmptyChromaRadianceLatentImage
+
+    import nodes
+    from calibri_core.demo import scenes
+    from search.rewards import demo_rules
+
+    shipped = Path(demo.__file__).with_name("calibri-demo.safetensors")
+    model, clip, vae = demo.load(str(shipped))
+    prompts = scenes.prompts("heldout", 32, 0)
+    conds = [nodes.CLIPTextEncode().encode(clip, p)[0] for p in prompts]
+    positive = [[torch.cat([c[0][0] for c in conds]), dict(conds[0][0][1])]]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = EmptyChromaRadianceLatentImage.execute(width=demo.IMAGE_SIZE, height=demo.IMAGE_SIZE,
+                                                    batch_size=len(prompts))[0]
+    samples = nodes.common_ksampler(model, 0, 8, 3.0, "euler", "simple", positive, negative, latent)[0]["samples"]
+    images = vae.decode(samples).reshape(-1, demo.IMAGE_SIZE, demo.IMAGE_SIZE, 3).float().cpu().numpy()
+    score = float(np.mean(demo_rules.score(images, prompts)))
+    print(f"shipped demo model, 32 held-out prompts, 8 steps, cfg 3: demo_rules {score:.3f}")
+    assert score >= 0.6, score

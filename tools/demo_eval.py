@@ -1,6 +1,6 @@
 """Sample the demo model through ComfyUI's own nodes and score it with the rule-based metric (reward ``demo_rules``).
 
-    python tools/demo_eval.py calibri_core/demo/calibri-demo.safetensors --split held-out --count 64 \\
+    python tools/demo_eval.py calibri_core/demo/calibri-demo.safetensors --split heldout --count 64 \\
         --steps 8 --cfg 1 3 5
 
 Per setting: CLIPTextEncode on the returned CLIP, EmptyChromaRadianceLatentImage, ComfyUI's KSampler (common_ksampler)
@@ -23,7 +23,7 @@ sys.path.insert(1, str(REPO))  # after the script's own folder, never before a C
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("weights")
-    parser.add_argument("--split", default="held-out")
+    parser.add_argument("--split", default="heldout")
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, nargs="+", default=[8])

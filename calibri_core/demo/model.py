@@ -199,10 +199,25 @@ def load(path: str) -> tuple[Any, Any, Any]:
 
     dm, te, _ = read(path)
     base = build_base_model(device=comfy.model_management.unet_offload_device())
-    base.diffusion_model.load_state_dict(dm, strict=True)
+    base.diffusion_model.load_state_dict(_host_names(dm, base.diffusion_model.state_dict().keys()), strict=True)
     model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                              offload_device=comfy.model_management.unet_offload_device())
     clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(ComfyTokenizer, ComfyTextModel))
     clip.load_sd(te)
     vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
     return model, clip, vae
+
+
+def _host_names(state: dict, expected: Any) -> dict:
+    """ComfyUI renamed its RMSNorm parameter (``scale`` before 0.19, ``weight`` after): map the file's names onto
+    the host's; everything else must match as it is."""
+    expected = set(expected)
+    out = {}
+    for name, value in state.items():
+        if name not in expected:
+            for old, new in ((".scale", ".weight"), (".weight", ".scale")):
+                if name.endswith(old) and name[: -len(old)] + new in expected:
+                    name = name[: -len(old)] + new
+                    break
+        out[name] = value
+    return out
