@@ -18,15 +18,7 @@ import os
 import sys
 from typing import NoReturn, Sequence
 
-from .config import (
-    EVALUATOR_DEFAULT,
-    ConfigError,
-    RunConfig,
-    check_reward_files,
-    load_config,
-    parse_override,
-    schema_help,
-)
+from .config import EVALUATOR_DEFAULT, ConfigError, RunConfig, load_config, parse_override, schema_help
 
 logger = logging.getLogger("calibri")
 
@@ -138,14 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if host is not None:
             _activate(parser, host)
         if args.check:  # no weights loaded: the model file is judged by its header
-            from .loop import check_run_dir
+            from .loop import check_before_loading, check_run_dir
 
             saved = check_run_dir(config, resume=bool(args.resume))
-            check_reward_files(config)
-            if host is not None and config.search["evaluator"] == EVALUATOR_DEFAULT:
-                from .model_files import check_model_files
-
-                check_model_files(config)
+            check_before_loading(config)  # the ComfyUI evaluator has a host here: find_host refused otherwise
     except ConfigError as e:
         _refuse(parser, str(e))
     if args.check:

@@ -49,6 +49,7 @@ from .config import EVALUATOR_DEFAULT, ConfigError, RunConfig, check_reward_file
 from .model_files import check_family, check_model_files
 from .optimizer import CMAOptimizer, ReplayMismatch, reward_to_loss
 from .state import (
+    LOCK_FILE,
     OPTIMIZER_LOG,
     STATE_FILE,
     BucketSampler,
@@ -176,6 +177,15 @@ def check_run_dir(config: RunConfig, resume: bool, check_lock: bool = True) -> S
     return saved
 
 
+def check_before_loading(config: RunConfig) -> None:
+    """What the ComfyUI evaluator would refuse once its model is loaded, refused from the files alone (``--check``
+    and the start of a run): rewards whose local files are missing, a model file that contradicts the config. A
+    ``python:`` evaluator loads what it likes and is not checked."""
+    if config.search["evaluator"] == EVALUATOR_DEFAULT:
+        check_reward_files(config)
+        check_model_files(config)
+
+
 def _file_sha256(path: str) -> str:
     import hashlib
 
@@ -240,9 +250,8 @@ def run_search(config: Any, evaluator: Any = None, resume: bool = False, progres
                 os.makedirs(config.run_dir, exist_ok=True)
                 lock = RunLock(config.run_dir).acquire()
                 saved = prepare_run_dir(config, resume)
-                if evaluator is None and config.search["evaluator"] == EVALUATOR_DEFAULT:
-                    check_reward_files(config)
-                    check_model_files(config)
+                if evaluator is None:
+                    check_before_loading(config)
             if evaluator is None:
                 evaluator = build_evaluator(config)
             check_family(config, get_family(evaluator.layout.family))
@@ -271,7 +280,7 @@ class _NewStart:
     nothing is removed. The prompt cache stays: its entries are keyed by the text encoder's identity, so a later run
     with other files never reads them."""
 
-    STARTED = ("config.json", "generations.jsonl", OPTIMIZER_LOG, "run.lock")
+    STARTED = ("config.json", outputs.LOG_FILE, OPTIMIZER_LOG, LOCK_FILE)
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir

@@ -62,8 +62,8 @@ def _meta_state_dict(header: dict[str, tuple[str, list[int]]]) -> dict[str, Any]
             for name, (dtype, shape) in header.items()}
 
 
-def detect_file_family(path: str, checkpoint: bool) -> tuple[Any, str]:
-    """The engine's family of the model in ``path`` (ComfyUI's detection on the header's shapes, the model built on
+def detect_file_family(path: str, header: dict[str, tuple[str, list[int]]]) -> tuple[Any, str]:
+    """The engine's family of the model in ``path`` (ComfyUI's detection on its header's shapes, the model built on
     the meta device), or ``(None, why)`` where it cannot be told without loading the weights. ComfyUI must be
     importable (the host activated)."""
     import comfy.model_detection
@@ -72,7 +72,7 @@ def detect_file_family(path: str, checkpoint: bool) -> tuple[Any, str]:
 
     from calibri_core.families import detect
 
-    state = _meta_state_dict(read_header(path, "model.checkpoint" if checkpoint else "model.diffusion_model"))
+    state = _meta_state_dict(header)
     # The steps of comfy.sd.load_diffusion_model_state_dict / load_checkpoint_guess_config up to building the model.
     prefix = comfy.model_detection.unet_prefix_from_state_dict(state)
     inner = comfy.utils.state_dict_prefix_replace(state, {prefix: ""}, filter_keys=True)
@@ -108,17 +108,17 @@ def check_model_files(config: Any) -> None:
         if te.lower().endswith(".gguf"):
             raise ConfigError(f"Calibri: model.text_encoders[{i}] {te!r} is a GGUF file; ComfyUI's own text-encoder "
                               f"loader reads safetensors. Use the encoder's .safetensors release.")
-    checkpoint = bool(m["checkpoint"])
-    path = m["checkpoint"] or m["diffusion_model"]
+    key = "checkpoint" if m["checkpoint"] else "diffusion_model"
+    path = m[key]
     if not path or not path.lower().endswith(".safetensors"):
         return  # other torch formats are not read here: the family is checked once the model has loaded
-    if checkpoint:
-        names = read_header(path, "model.checkpoint")
-        if not any(name.startswith(CHECKPOINT_PREFIX) for name in names):
+    header = read_header(path, f"model.{key}")
+    if key == "checkpoint":
+        if not any(name.startswith(CHECKPOINT_PREFIX) for name in header):
             raise ConfigError(f"Calibri: model.checkpoint {path!r} holds a diffusion model alone (no tensor under "
                               f"{CHECKPOINT_PREFIX!r}, no text encoder or VAE): name it as model.diffusion_model, "
                               f"with model.text_encoders and model.vae.")
-    family, why = detect_file_family(path, checkpoint)
+    family, why = detect_file_family(path, header)
     if family is None:
         logger.info("Calibri: the family of %s could not be read from its header (%s); it is checked once the "
                     "model has loaded.", os.path.basename(path), why)

@@ -29,15 +29,8 @@ def weights(tmp_path_factory):
     return path
 
 
-def _sample(model, clip, prompt: str, steps: int = 2, cfg: float = 1.0):
-    from comfy_extras.nodes_chroma_radiance import EmptyChromaRadianceLatentImage
-
-    import nodes
-
-    positive = nodes.CLIPTextEncode().encode(clip, prompt)[0]
-    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
-    latent = EmptyChromaRadianceLatentImage.execute(width=demo.IMAGE_SIZE, height=demo.IMAGE_SIZE, batch_size=1)[0]
-    return nodes.common_ksampler(model, 0, steps, cfg, "euler", "simple", positive, negative, latent)[0]["samples"]
+def _sample(model, clip, prompt: str, cfg: float = 1.0):
+    return demo.sample_latents(model, clip, [prompt], steps=2, cfg=cfg)
 
 
 def test_loads_as_comfyui_objects_and_samples(weights):
@@ -45,8 +38,7 @@ def test_loads_as_comfyui_objects_and_samples(weights):
 
     model, clip, vae = demo.load(str(weights))
     assert type(model.model).__name__ == "ChromaRadiance" and isinstance(clip, comfy.sd.CLIP)
-    samples = _sample(model, clip, "a big red circle on the left", cfg=3.0)
-    image = vae.decode(samples)
+    image = vae.decode(_sample(model, clip, "a big red circle on the left", cfg=3.0))
     assert tuple(image.shape[-3:]) == (demo.IMAGE_SIZE, demo.IMAGE_SIZE, 3)
     assert torch.isfinite(image).all() and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
 
@@ -144,22 +136,14 @@ def test_shipped_model_draws_held_out_prompts():
     from pathlib import Path
 
     import numpy as np
-    from comfy_extras.nodes_chroma_radiance import EmptyChromaRadianceLatentImage
 
-    import nodes
     from calibri_core.demo import scenes
     from search.rewards import demo_rules
 
     shipped = Path(demo.__file__).with_name("calibri-demo.safetensors")
     model, clip, vae = demo.load(str(shipped))
     prompts = scenes.prompts("heldout", 32, 0)
-    conds = [nodes.CLIPTextEncode().encode(clip, p)[0] for p in prompts]
-    positive = [[torch.cat([c[0][0] for c in conds]), dict(conds[0][0][1])]]
-    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
-    latent = EmptyChromaRadianceLatentImage.execute(width=demo.IMAGE_SIZE, height=demo.IMAGE_SIZE,
-                                                    batch_size=len(prompts))[0]
-    samples = nodes.common_ksampler(model, 0, 8, 3.0, "euler", "simple", positive, negative, latent)[0]["samples"]
-    images = vae.decode(samples).reshape(-1, demo.IMAGE_SIZE, demo.IMAGE_SIZE, 3).float().cpu().numpy()
+    images = demo.sample(model, clip, vae, prompts, steps=8, cfg=3.0).float().cpu().numpy()
     score = float(np.mean(demo_rules.score(images, prompts)))
     print(f"shipped demo model, 32 held-out prompts, 8 steps, cfg 3: demo_rules {score:.3f}")
     assert score >= 0.6, score

@@ -38,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     comfy_env.activate(comfy_env.find_host(provision=False))
     import numpy as np
     import torch
-    from comfy_extras.nodes_chroma_radiance import EmptyChromaRadianceLatentImage
 
-    import nodes
     from calibri_core.demo import model as demo
     from calibri_core.demo import scenes
     from search.rewards import demo_rules
@@ -48,17 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     model, clip, vae = demo.load(args.weights)
     prompts = scenes.prompts(args.split, args.count, args.seed)
-    conds = [nodes.CLIPTextEncode().encode(clip, p)[0] for p in prompts]
-    positive = [[torch.cat([c[0][0] for c in conds]), dict(conds[0][0][1])]]
-    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
-    latent = EmptyChromaRadianceLatentImage.execute(width=demo.IMAGE_SIZE, height=demo.IMAGE_SIZE,
-                                                    batch_size=len(prompts))[0]
     rows = []
     for steps in args.steps:
         for cfg in args.cfg:
-            samples = nodes.common_ksampler(model, args.seed, steps, cfg, args.sampler, args.scheduler, positive,
-                                            negative, latent)[0]
-            images = vae.decode(samples["samples"]).reshape(-1, demo.IMAGE_SIZE, demo.IMAGE_SIZE, 3)
+            images = demo.sample(model, clip, vae, prompts, steps=steps, cfg=cfg, seed=args.seed,
+                                 sampler=args.sampler, scheduler=args.scheduler)
             scores = demo_rules.score(images.float().cpu().numpy(), prompts)
             mean, half = float(np.mean(scores)), 1.96 * float(np.std(scores, ddof=1)) / math.sqrt(len(scores))
             print(f"{args.split} steps {steps} cfg {cfg:g}: demo_rules {mean:.3f} ± {half:.3f}, all right "

@@ -208,6 +208,27 @@ def load(path: str) -> tuple[Any, Any, Any]:
     return model, clip, vae
 
 
+def sample_latents(model: Any, clip: Any, prompts: list[str], *, steps: int, cfg: float, seed: int = 0,
+                   sampler: str = "euler", scheduler: str = "simple") -> torch.Tensor:
+    """The LATENT (pixels in [-1, 1], [len(prompts), 3, H, W]) a graph samples: CLIPTextEncode of each prompt
+    (negative: the empty prompt), EmptyChromaRadianceLatentImage and ComfyUI's KSampler, one batch, row i
+    conditioned on prompt i."""
+    from comfy_extras.nodes_chroma_radiance import EmptyChromaRadianceLatentImage
+
+    import nodes
+
+    conds = [nodes.CLIPTextEncode().encode(clip, p)[0] for p in prompts]
+    positive = [[torch.cat([c[0][0] for c in conds]), dict(conds[0][0][1])]]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = EmptyChromaRadianceLatentImage.execute(width=IMAGE_SIZE, height=IMAGE_SIZE, batch_size=len(prompts))[0]
+    return nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent)[0]["samples"]
+
+
+def sample(model: Any, clip: Any, vae: Any, prompts: list[str], **options: Any) -> torch.Tensor:
+    """Images [len(prompts), H, W, 3] in [0, 1]: :func:`sample_latents` through VAEDecode."""
+    return vae.decode(sample_latents(model, clip, prompts, **options)).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
 def _host_names(state: dict, expected: Any) -> dict:
     """ComfyUI renamed its RMSNorm parameter (``scale`` before 0.19, ``weight`` after): map the file's names onto
     the host's; everything else must match as it is."""
